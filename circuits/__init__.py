@@ -1,0 +1,18 @@
+"""circuits: automated circuit discovery for Hugging Face transformer language models."""
+
+from .engine import PatchedOutput, mean_values, patched_forward, patching_values, source_outputs
+from .graph import Graph
+from .model import Model, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Graph",
+    "Model",
+    "PatchedOutput",
+    "load_model",
+    "mean_values",
+    "patched_forward",
+    "patching_values",
+    "source_outputs",
+]

@@ -1,0 +1,145 @@
+"""What every architecture adapter provides, and the attention math they share.
+
+An adapter reads a Hugging Face model's modules and weights in place (views,
+never copies) and runs one layer with *per-destination* inputs: the query of
+each head, the key and value of each key/value head and the MLP may each read
+a different residual stream. Inputs carry a leading "destination" axis of
+size 1 (all destinations read the same stream) or one entry per destination.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Context:
+    """Per-batch state shared by all layers: the attention masks and rotary tables."""
+
+    attention_mask: torch.Tensor  # bool [B, 1, T, T], True where a query may attend
+    sliding_masks: dict[int, torch.Tensor]  # window size -> bool mask like attention_mask
+    rotary: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), each [B, T, rotary_dim]
+
+
+def per_head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Project one input per head: x ``[n, B, T, D]``, weight ``[n, e, D]`` -> ``[B, n, T, e]``."""
+    y = torch.einsum("nbtd,ned->bnte", x, weight)
+    if bias is not None:
+        y = y + bias[None, :, None, :]
+    return y
+
+
+def split_heads(y: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``[B, T, n*e]`` -> ``[B, n, T, e]``."""
+    batch, seq, _ = y.shape
+    return y.view(batch, seq, n_heads, -1).transpose(1, 2)
+
+
+class Adapter(ABC):
+    """Base class: subclasses set the structural fields and the module accessors."""
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, hf: nn.Module):
+        self.hf = hf
+        self.config = hf.config
+        self.n_layers: int
+        self.n_heads: int
+        self.n_kv_heads: int
+        self.head_dim: int
+        self.d_model: int
+        self.parallel: bool = False
+
+    # --- subclass hooks -------------------------------------------------------------
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The ``input`` source: ``[B, T, D]``."""
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    @abstractmethod
+    def qkv(self, layer: int, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[B, H, T, e]``, keys and values ``[B, G, T, e]`` from the attention inputs.
+
+        ``x`` is ``[1, B, T, D]`` (shared) or ``[H + 2G, B, T, D]`` (q heads, k groups, v groups).
+        """
+
+    @abstractmethod
+    def out_weight(self, layer: int) -> torch.Tensor:
+        """The output projection as a per-head view ``[H, e, D]``."""
+
+    @abstractmethod
+    def out_bias(self, layer: int) -> torch.Tensor | None:
+        """The attention output bias: a constant of the residual stream, owned by no node."""
+
+    @abstractmethod
+    def out_projection(self, layer: int) -> nn.Module:
+        """The HF output projection module (used when per-head outputs are not needed)."""
+
+    @abstractmethod
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The MLP source's output from its input stream (norm included), any leading shape."""
+
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        """The norm applied before the unembedding."""
+
+    def scale(self, layer: int) -> float:
+        return self.head_dim**-0.5
+
+    def window(self, layer: int) -> int | None:
+        """Sliding-window size of this layer's attention, None for full causal attention."""
+        return None
+
+    # --- shared math -------------------------------------------------------------------
+    def embedding_rows(self) -> int:
+        """How many token ids the embedding accepts."""
+        return self.hf.get_input_embeddings().num_embeddings
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf.get_output_embeddings()(self.final_norm()(x))
+
+    def context(self, attention_mask: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor) -> Context:
+        seq = attention_mask.shape[1]
+        pos = torch.arange(seq, device=attention_mask.device)
+        causal = pos[None, :] <= pos[:, None]  # [query, key]
+        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        windows = {w for w in (self.window(layer) for layer in range(self.n_layers)) if w is not None}
+        sliding = {w: mask & (pos[None, :] > pos[:, None] - w)[None, None] for w in windows}
+        return Context(mask, sliding, self.rotary(hidden, position_ids))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Scaled dot-product attention with GQA; returns per-head mixes ``z`` of shape ``[B, H, T, e]``."""
+        window = self.window(layer)
+        mask = ctx.attention_mask if window is None else ctx.sliding_masks[window]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale(layer), enable_gqa=self.n_kv_heads != self.n_heads
+        )
+
+    def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """Each head's write to the residual stream, ``[H, B, T, D]`` (bias excluded)."""
+        return torch.einsum("bhte,hed->hbtd", z, self.out_weight(layer))
+
+    def attention_output(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """The summed attention output, bias included, as the HF module computes it."""
+        batch, _, seq, _ = z.shape
+        return self.out_projection(layer)(z.transpose(1, 2).reshape(batch, seq, -1))
+
+    def split_qkv_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-destination attention inputs -> (q part, k part, v part)."""
+        if x.shape[0] == 1:
+            return x, x, x
+        h, g = self.n_heads, self.n_kv_heads
+        return x[:h], x[h : h + g], x[h + g :]
+
+
+def rotary_function(module: nn.Module):
+    """transformers' own ``apply_rotary_pos_emb`` from the module's modeling file."""
+    return sys.modules[type(module).__module__].apply_rotary_pos_emb

@@ -1,0 +1,86 @@
+"""The Llama family: Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), SmolLM2.
+
+RMSNorm, rotary positions through transformers' own helpers, separate
+q/k/v projections, grouped-query attention with k/v per key/value head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Adapter, Context, per_head_linear, rotary_function, split_heads
+
+
+class LlamaAdapter(Adapter):
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+
+    def __init__(self, hf: nn.Module):
+        super().__init__(hf)
+        self.body = hf.model
+        self.blocks = self.body.layers
+        cfg = self.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.d_model = cfg.hidden_size
+        self.head_dim = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+        self._apply_rotary = rotary_function(self.blocks[0].self_attn)
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.body.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        return self.body.rotary_emb(hidden, position_ids)
+
+    def window(self, layer: int) -> int | None:
+        cfg = self.config
+        layer_types = getattr(cfg, "layer_types", None)
+        if layer_types:
+            return cfg.sliding_window if layer_types[layer] == "sliding_attention" else None
+        if cfg.model_type == "mistral":
+            return getattr(cfg, "sliding_window", None)
+        return None
+
+    def qkv(self, layer: int, x: torch.Tensor, ctx: Context):
+        block = self.blocks[layer]
+        attn = block.self_attn
+        normed = block.input_layernorm(x)
+        counts = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if normed.shape[0] == 1:
+            q, k, v = (split_heads(p(normed[0]), n) for p, n in zip(projections, counts))
+        else:
+            q, k, v = (
+                per_head_linear(
+                    part,
+                    p.weight.view(n, self.head_dim, self.d_model),
+                    None if p.bias is None else p.bias.view(n, self.head_dim),
+                )
+                for part, p, n in zip(self.split_qkv_inputs(normed), projections, counts)
+            )
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's query and key
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = ctx.rotary
+        q, k = self._apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def scale(self, layer: int) -> float:
+        return self.blocks[layer].self_attn.scaling
+
+    def out_weight(self, layer: int) -> torch.Tensor:
+        weight = self.blocks[layer].self_attn.o_proj.weight  # [D, H*e]
+        return weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
+
+    def out_bias(self, layer: int) -> torch.Tensor | None:
+        return self.blocks[layer].self_attn.o_proj.bias
+
+    def out_projection(self, layer: int) -> nn.Module:
+        return self.blocks[layer].self_attn.o_proj
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[layer]
+        return block.mlp(block.post_attention_layernorm(x))
+
+    def final_norm(self) -> nn.Module:
+        return self.body.norm

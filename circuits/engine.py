@@ -1,0 +1,251 @@
+"""The patched forward: the one place where intervention logic lives.
+
+Every destination v reads
+
+    in_v = const + sum_u [ m_uv * out_u + (1 - m_uv) * patch_u ]
+         = resid - sum_u (1 - m_uv) * (out_u - patch_u)
+
+where ``resid`` is the stream the unmodified layer would read. The engine
+keeps the sources' deltas ``out_u - patch_u`` in per-layer chunks and
+materialises one layer's per-destination inputs at a time as a matrix
+product over the sources that precede that layer. With the mask all ones it
+runs the plain model's computation (no per-destination copies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .model import Model
+
+GradHook = Callable[[slice, torch.Tensor], None]
+
+
+@dataclass
+class PatchedOutput:
+    """What a patched forward returns."""
+
+    logits: torch.Tensor  # [B, T, V], or [B, V] at the requested logit positions
+    outputs: torch.Tensor | None = None  # source outputs [n_src, B, T, D] when asked for
+
+
+def patched_forward(
+    model: Model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    edge_mask: torch.Tensor | None = None,
+    patch: torch.Tensor | None = None,
+    *,
+    keep_outputs: bool = False,
+    logit_positions: torch.Tensor | None = None,
+    grad_hook: GradHook | None = None,
+) -> PatchedOutput:
+    """Run the model with every edge ``u->v`` weighted by ``edge_mask[u, v]``.
+
+    Args:
+        input_ids, attention_mask: ``[B, T]``, right-padded.
+        edge_mask: float ``[n_src, n_dst]`` (may require grad); None means all ones.
+        patch: ablation values broadcastable to ``[n_src, B, T, D]`` (the corrupted run's
+            ``outputs``, a mean, ...); None means zero ablation.
+        keep_outputs: also return every source's output ``[n_src, B, T, D]``.
+        logit_positions: ``[B]`` positions whose logits to compute (saves the unembedding).
+        grad_hook: called during backward as ``grad_hook(destinations, grad)`` with the
+            gradient ``[n, B, T, D]`` of the inputs of each layer's destinations
+            (``destinations`` is a slice of the graph's destination indices).
+    """
+    graph, adapter = model.graph, model.adapter
+    attention_mask = check_batch(model, input_ids, attention_mask)
+    batch, seq = input_ids.shape
+    keep = None if edge_mask is None else check_edge_mask(model, edge_mask)
+    if patch is not None:
+        check_patch(model, patch, batch, seq)
+    needs_sources = keep_outputs or keep is not None
+    track_grad = keep is not None and keep.requires_grad
+
+    chunks: list[tuple[int, torch.Tensor]] = []  # (first source index, out - patch) per chunk
+    outputs: list[torch.Tensor] = []
+
+    def add_sources(start: int, out: torch.Tensor) -> None:
+        if keep_outputs:
+            outputs.append(out)
+        if keep is not None:
+            chunks.append((start, out if patch is None else out - patch[start : start + len(out)]))
+
+    def read(resid: torch.Tensor, destinations: slice, n_reads: int) -> torch.Tensor:
+        """Inputs of ``destinations``: ``[n, B, T, D]``, or ``[1, B, T, D]`` when all read ``resid``."""
+        n = destinations.stop - destinations.start
+        if keep is None and grad_hook is None:
+            return resid.unsqueeze(0)
+        inputs = resid.unsqueeze(0).expand(n, *resid.shape)
+        removed = None
+        for start, delta in chunks:
+            if start >= n_reads:
+                break
+            weights = keep[start : start + len(delta), destinations]  # [n_chunk, n]
+            if not track_grad and not weights.any():
+                continue
+            term = (weights.T @ delta.flatten(1)).view(n, *resid.shape)
+            removed = term if removed is None else removed + term
+        if removed is not None:
+            inputs = inputs - removed
+        if grad_hook is not None and inputs.requires_grad:
+            inputs.register_hook(partial(grad_hook, destinations))
+        return inputs
+
+    position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+    resid = adapter.embed(input_ids, position_ids)
+    ctx = adapter.context(attention_mask, resid, position_ids)
+    add_sources(0, resid.unsqueeze(0))
+    for slots in graph.layers:
+        layer = slots.layer
+        q, k, v = adapter.qkv(layer, read(resid, slots.attention_destinations, slots.attention_reads), ctx)
+        z = adapter.attend(layer, q, k, v, ctx)
+        if needs_sources:
+            heads = adapter.head_outputs(layer, z)
+            add_sources(slots.heads.start, heads)
+            attention_out = heads.sum(0)
+            bias = adapter.out_bias(layer)
+            if bias is not None:
+                attention_out = attention_out + bias
+        else:
+            attention_out = adapter.attention_output(layer, z)
+        mlp_slot = slice(slots.mlp_destination, slots.mlp_destination + 1)
+        if adapter.parallel:
+            mlp_out = adapter.mlp(layer, read(resid, mlp_slot, slots.mlp_reads))[0]
+            resid = mlp_out + attention_out + resid
+        else:
+            resid = attention_out + resid
+            mlp_out = adapter.mlp(layer, read(resid, mlp_slot, slots.mlp_reads))[0]
+            resid = resid + mlp_out
+        add_sources(slots.mlp_source, mlp_out.unsqueeze(0))
+
+    final = read(resid, slice(graph.n_dst - 1, graph.n_dst), graph.n_src)[0]
+    if logit_positions is not None:
+        final = final[torch.arange(batch, device=final.device), logit_positions]
+    logits = adapter.unembed(final)
+    return PatchedOutput(logits, torch.cat(outputs) if keep_outputs else None)
+
+
+def source_outputs(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Every source's output on these prompts, ``[n_src, B, T, D]``, without gradients."""
+    with torch.no_grad():
+        return patched_forward(model, input_ids, attention_mask, keep_outputs=True, logit_positions=_first(input_ids)).outputs
+
+
+def patching_values(
+    model: Model,
+    clean_attention_mask: torch.Tensor,
+    corrupted_ids: torch.Tensor,
+    corrupted_attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ablation values for ``patching``: the corrupted prompts' source outputs.
+
+    Checks that every clean/corrupted pair has the same length, naming the first example that does not.
+    """
+    corrupted_attention_mask = check_batch(model, corrupted_ids, corrupted_attention_mask, what="corrupted")
+    if clean_attention_mask.shape != corrupted_attention_mask.shape:
+        raise ValueError(
+            f"clean batch has shape {tuple(clean_attention_mask.shape)} but corrupted batch has shape "
+            f"{tuple(corrupted_attention_mask.shape)}; pairs must line up"
+        )
+    clean_lengths = clean_attention_mask.sum(1)
+    corrupted_lengths = corrupted_attention_mask.sum(1)
+    mismatched = (clean_lengths != corrupted_lengths).nonzero().flatten().tolist()
+    if mismatched:
+        i = mismatched[0]
+        raise ValueError(
+            f"example {i}: the clean prompt has {int(clean_lengths[i])} tokens but the corrupted prompt has "
+            f"{int(corrupted_lengths[i])}; the two prompts of a pair must have equal length "
+            f"({len(mismatched)} pair(s) differ)"
+        )
+    return source_outputs(model, corrupted_ids, corrupted_attention_mask)
+
+
+def mean_values(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Ablation values for ``mean``: each source's output averaged over examples and real positions, ``[n_src, 1, 1, D]``."""
+    attention_mask = check_batch(model, input_ids, attention_mask)
+    outputs = source_outputs(model, input_ids, attention_mask)
+    weights = attention_mask.to(outputs.dtype)[None, :, :, None]
+    return ((outputs * weights).sum((1, 2)) / weights.sum((1, 2)))[:, None, None, :]
+
+
+def _first(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def check_batch(
+    model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, what: str = "input"
+) -> torch.Tensor:
+    """Validate a right-padded batch; returns the attention mask (all ones if None)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"{what} ids must be a [batch, seq] tensor, got {shape}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"empty batch: {what} ids have shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+        raise ValueError(f"{what} ids must be integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.device != model.device:
+        raise ValueError(f"{what} ids are on {input_ids.device} but the model is on {model.device}")
+    vocab = model.adapter.embedding_rows()
+    bad = ((input_ids < 0) | (input_ids >= vocab)).nonzero()
+    if len(bad):
+        b, t = bad[0].tolist()
+        raise ValueError(f"example {b}, position {t}: token id {int(input_ids[b, t])} is outside the vocabulary (0..{vocab - 1})")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"{what} attention mask has shape {tuple(attention_mask.shape)} but the ids have shape {tuple(input_ids.shape)}"
+        )
+    if attention_mask.device != model.device:
+        raise ValueError(f"{what} attention mask is on {attention_mask.device} but the model is on {model.device}")
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    right_padded = mask == (torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None])
+    for i in (~right_padded.all(1) | (lengths == 0)).nonzero().flatten().tolist()[:1]:
+        problem = "is empty" if lengths[i] == 0 else "is not right-padded (ones, then zeros)"
+        raise ValueError(f"example {i}: the {what} attention mask {problem}: {attention_mask[i].tolist()}")
+    return attention_mask
+
+
+def check_edge_mask(model: Model, edge_mask: torch.Tensor) -> torch.Tensor:
+    """Validate an edge mask; returns ``1 - mask`` in the model's dtype (the weight on each delta)."""
+    graph = model.graph
+    expected = (graph.n_src, graph.n_dst)
+    if not isinstance(edge_mask, torch.Tensor) or tuple(edge_mask.shape) != expected:
+        shape = tuple(edge_mask.shape) if isinstance(edge_mask, torch.Tensor) else type(edge_mask).__name__
+        raise ValueError(f"edge mask has shape {shape}; this model's graph needs [n_src, n_dst] = {list(expected)}")
+    if not edge_mask.is_floating_point():
+        raise ValueError(f"edge mask must be a float tensor (0 = ablated, 1 = kept), got dtype {edge_mask.dtype}")
+    if edge_mask.device != model.device:
+        raise ValueError(f"edge mask is on {edge_mask.device} but the model is on {model.device}")
+    return (1 - edge_mask).to(model.dtype)
+
+
+def check_patch(model: Model, patch: torch.Tensor, batch: int, seq: int) -> None:
+    n_src, d_model = model.graph.n_src, model.adapter.d_model
+    shape = tuple(patch.shape)
+    if (
+        patch.dim() != 4
+        or shape[0] != n_src
+        or shape[1] not in (1, batch)
+        or shape[2] not in (1, seq)
+        or shape[3] != d_model
+    ):
+        raise ValueError(
+            f"ablation values have shape {shape}; need [n_src, batch or 1, seq or 1, d_model] = "
+            f"[{n_src}, {batch}, {seq}, {d_model}]"
+        )
+    if patch.dtype != model.dtype:
+        raise ValueError(f"ablation values have dtype {patch.dtype} but the model runs in {model.dtype}")
+    if patch.device != model.device:
+        raise ValueError(f"ablation values are on {patch.device} but the model is on {model.device}")

