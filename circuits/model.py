@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .arch import Adapter, adapter_for
 from .graph import Graph
@@ -66,8 +67,6 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
 
     ``device`` defaults to CUDA when available, else CPU.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = torch.device(device) if device is not None else default_device()
     source = _smollm2_directory() if name_or_path == SMOLLM2 else name_or_path
     try:
@@ -103,8 +102,6 @@ def _smollm2_directory() -> Path:
 
 def _dequantize_gguf(directory: Path, gguf_file: str, target: Path) -> None:
     """Dequantise a GGUF model to fp32 and save it as an HF directory, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     config = quantized.config

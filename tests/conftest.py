@@ -20,7 +20,9 @@ VOCAB = 61
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4)
 
 CONFIGS = {
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64),
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    ),
     "llama": lambda: LlamaConfig(**COMMON, num_key_value_heads=2),
     "mistral": lambda: MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=5),
     "qwen2": lambda: Qwen2Config(**COMMON, num_key_value_heads=2),
@@ -33,7 +35,9 @@ ARCHITECTURES = sorted(CONFIGS)
 
 def make_hf(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32)
+    config = CONFIGS[name]()
+    config.initializer_range = 0.3  # large enough weights that attention is far from uniform
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init leaves biases and norm weights at 0/1; perturb every parameter so that
     # a mistake in how a bias or a norm is applied shows up in the logits.
     with torch.no_grad():

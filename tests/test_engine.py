@@ -1,0 +1,206 @@
+"""The patched forward against the unmodified HF model and the hook-based oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_hf, make_pair
+from oracle import Oracle
+
+import circuits
+
+ATOL = 1e-4
+
+
+def real_positions(logits, mask):
+    return logits[mask.bool()]
+
+
+def hf_logits(model, ids, mask):
+    with torch.no_grad():
+        return model.hf(ids, attention_mask=mask).logits
+
+
+def run(model, ids, mask, edge_mask=None, patch=None, **kwargs):
+    with torch.no_grad():
+        return circuits.patched_forward(model, ids, mask, edge_mask, patch, **kwargs).logits
+
+
+def ones(model):
+    return torch.ones(model.graph.n_src, model.graph.n_dst)
+
+
+def test_full_mask_reproduces_hf_logits(tiny, pair):
+    clean, _, mask = pair
+    expected = hf_logits(tiny, clean, mask)
+    for edge_mask in (None, ones(tiny)):
+        got = run(tiny, clean, mask, edge_mask, keep_outputs=True)
+        assert torch.allclose(real_positions(got, mask), real_positions(expected, mask), atol=ATOL)
+
+
+def test_empty_mask_with_patching_reproduces_corrupted_logits(tiny, pair):
+    clean, corrupted, mask = pair
+    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    got = run(tiny, clean, mask, torch.zeros(tiny.graph.n_src, tiny.graph.n_dst), patch)
+    expected = hf_logits(tiny, corrupted, mask)
+    assert torch.allclose(real_positions(got, mask), real_positions(expected, mask), atol=ATOL)
+    assert not torch.allclose(real_positions(got, mask), real_positions(hf_logits(tiny, clean, mask), mask), atol=ATOL)
+
+
+def edges_to_check(graph):
+    """Edges into every kind of destination, from every kind of source."""
+    last = graph.n_layers - 1
+    return [
+        "input->a0.h1<q>",
+        "input->a0.h0<k>",
+        "input->a0.h0<v>",
+        "a0.h2->a1.h3<q>",
+        f"a0.h1->a1.h{graph.n_kv_heads - 1}<k>",
+        "m0->a1.h0<v>",
+        "a0.h0->m1",
+        "input->m0",
+        f"m{last - 1}->m{last}",
+        f"a{last}.h1->logits",
+        f"m{last}->logits",
+        "input->logits",
+    ]
+
+
+def test_single_edge_patch_equals_hook_oracle(tiny, pair):
+    clean, corrupted, mask = pair
+    oracle = Oracle(tiny.hf)
+    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    clean_logits = hf_logits(tiny, clean, mask)
+    for edge in edges_to_check(tiny.graph):
+        src, _ = edge.split("->")
+        edge_mask = ones(tiny)
+        edge_mask[tiny.graph.index(edge)] = 0
+        got = run(tiny, clean, mask, edge_mask, patch)
+        expected = oracle.patch_edge(edge, clean, mask, oracle.source_output(src, corrupted, mask))
+        assert (expected - clean_logits)[mask.bool()].abs().max() > 1e-3, f"{edge}: the patch changes nothing"
+        assert torch.allclose(real_positions(got, mask), real_positions(expected, mask), atol=ATOL), edge
+
+
+def test_fractional_mask_and_zero_ablation_equal_oracle(tiny, pair):
+    clean, _, mask = pair
+    oracle = Oracle(tiny.hf)
+    for edge in ("a0.h1->a1.h0<k>", "input->m0", "a1.h0->logits"):
+        edge_mask = ones(tiny)
+        edge_mask[tiny.graph.index(edge)] = 0.3
+        got = run(tiny, clean, mask, edge_mask, None)
+        expected = oracle.patch_edge(edge, clean, mask, None, weight=0.3)
+        assert torch.allclose(real_positions(got, mask), real_positions(expected, mask), atol=ATOL), edge
+
+
+def test_mask_entries_outside_real_edges_are_ignored(tiny, pair):
+    clean, _, mask = pair
+    edge_mask = torch.where(tiny.graph.real, 1.0, 0.0)
+    assert torch.allclose(run(tiny, clean, mask, edge_mask), run(tiny, clean, mask), atol=ATOL)
+
+
+def test_mean_values_average_real_positions(tiny, pair):
+    clean, _, mask = pair
+    outputs = circuits.source_outputs(tiny, clean, mask)
+    mean = circuits.mean_values(tiny, clean, mask)
+    assert mean.shape == (tiny.graph.n_src, 1, 1, outputs.shape[-1])
+    by_hand = outputs[:, mask.bool()].mean(1)
+    assert torch.allclose(mean[:, 0, 0], by_hand, atol=1e-6)
+
+
+def test_source_outputs_sum_to_the_final_residual_stream(tiny, pair):
+    """Sources plus the constant biases rebuild the stream that the final norm reads."""
+    clean, _, mask = pair
+    outputs = circuits.source_outputs(tiny, clean, mask)
+    captured = {}
+    norm = tiny.adapter.final_norm()
+    hook = norm.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+    hf_logits(tiny, clean, mask)
+    hook.remove()
+    constant = sum(
+        (b for b in (tiny.adapter.out_bias(layer) for layer in range(tiny.graph.n_layers)) if b is not None),
+        torch.zeros(outputs.shape[-1]),
+    )
+    assert torch.allclose(outputs.sum(0) + constant, captured["x"], atol=ATOL)
+
+
+def test_grad_hook_gives_destination_input_gradients(tiny, pair):
+    """The hook's gradients, contracted with the deltas, equal the gradient with respect to the mask."""
+    clean, corrupted, mask = pair
+    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    outputs = circuits.source_outputs(tiny, clean, mask)
+    edge_mask = ones(tiny).requires_grad_(True)
+    grads = {}
+    result = circuits.patched_forward(
+        tiny, clean, mask, edge_mask, patch, grad_hook=lambda dsts, g: grads.__setitem__(dsts.start, (dsts, g))
+    )
+    result.logits[mask.bool()][:, 3].sum().backward()
+    delta = (outputs - patch).flatten(1)  # d in_v / d m_uv = out_u - patch_u
+    assert len(grads) == 2 * tiny.graph.n_layers + 1
+    for dsts, grad in grads.values():
+        contracted = delta @ grad.flatten(1).T
+        reads = tiny.graph.real[:, dsts]
+        assert torch.allclose(edge_mask.grad[:, dsts][reads], contracted[reads], atol=1e-5)
+
+
+def test_mask_gradient_matches_finite_differences(arch):
+    model = circuits.Model.from_hf(make_hf(arch).double())
+    clean, corrupted, mask = make_pair(batch=2, seq=6)
+    patch = circuits.patching_values(model, mask, corrupted, mask)
+    edge_mask = torch.ones(model.graph.n_src, model.graph.n_dst, dtype=torch.float64, requires_grad=True)
+
+    def metric(m):
+        logits = circuits.patched_forward(model, clean, mask, m, patch).logits
+        return logits[:, 2, 5].sum() - logits[:, 3, 7].sum()
+
+    metric(edge_mask).backward()
+    for edge in ("a0.h1->a1.h0<q>", "a0.h0->a1.h0<k>", "m0->m1", "a1.h2->logits"):
+        i, j = model.graph.index(edge)
+        step = torch.zeros_like(edge_mask)
+        step[i, j] = 1e-3  # not smaller: RMSNorm computes in float32 even in a float64 model
+        with torch.no_grad():
+            numeric = (metric(edge_mask + step) - metric(edge_mask - step)) / 2e-3
+        assert torch.isclose(edge_mask.grad[i, j], numeric, rtol=2e-3, atol=5e-4), edge
+
+
+def test_logit_positions_select_rows(tiny, pair):
+    clean, _, mask = pair
+    positions = mask.sum(1) - 1
+    full = run(tiny, clean, mask)
+    picked = run(tiny, clean, mask, logit_positions=positions)
+    assert torch.allclose(picked, full[torch.arange(len(clean)), positions], atol=1e-5)
+
+
+def test_padding_does_not_change_real_positions(tiny):
+    clean, _, mask = make_pair(batch=3, seq=8, lengths=[8, 5, 3])
+    batched = run(tiny, clean, mask)
+    for i, length in enumerate(mask.sum(1).tolist()):
+        alone = run(tiny, clean[i : i + 1, :length], mask[i : i + 1, :length])
+        assert torch.allclose(batched[i, :length], alone[0], atol=ATOL)
+
+
+def test_sliding_window_is_applied():
+    model = circuits.Model.from_hf(make_hf("mistral"))
+    assert model.adapter.window(0) == 5
+    clean, _, mask = make_pair(batch=1, seq=9, lengths=[9])
+    windowed = run(model, clean, mask)
+    model.hf.config.sliding_window = None
+    try:
+        unwindowed = run(model, clean, mask)
+    finally:
+        model.hf.config.sliding_window = 5
+    assert not torch.allclose(windowed[0, -1], unwindowed[0, -1], atol=ATOL)
+    assert torch.allclose(windowed[0, :5], unwindowed[0, :5], atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_runs_in_half_precision(dtype):
+    model = circuits.Model.from_hf(make_hf("llama").to(dtype))
+    clean, corrupted, mask = make_pair()
+    patch = circuits.patching_values(model, mask, corrupted, mask)
+    edge_mask = torch.ones(model.graph.n_src, model.graph.n_dst)
+    edge_mask[model.graph.index("a0.h1->m1")] = 0
+    got = run(model, clean, mask, edge_mask, patch)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    full = run(model, clean, mask)
+    expected = hf_logits(model, clean, mask)
+    assert torch.allclose(full[mask.bool()].float(), expected[mask.bool()].float(), atol=0.05)
