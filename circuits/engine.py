@@ -63,6 +63,8 @@ def patched_forward(
     attention_mask = check_batch(model, input_ids, attention_mask)
     batch, seq = input_ids.shape
     keep = None if edge_mask is None else check_edge_mask(model, edge_mask)
+    if keep is not None and not keep.requires_grad and not keep.any():
+        keep = None  # a constant mask of ones: the plain computation
     if patch is not None:
         check_patch(model, patch, batch, seq)
     needs_sources = keep_outputs or keep is not None
@@ -92,6 +94,8 @@ def patched_forward(
                 continue
             term = (weights.T @ delta.flatten(1)).view(n, *resid.shape)
             removed = term if removed is None else removed + term
+        if removed is None and grad_hook is None:
+            return resid.unsqueeze(0)  # nothing ablated here: every destination reads the same stream
         if removed is not None:
             inputs = inputs - removed
         if grad_hook is not None and inputs.requires_grad:
@@ -135,7 +139,9 @@ def patched_forward(
 def source_outputs(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Every source's output on these prompts, ``[n_src, B, T, D]``, without gradients."""
     with torch.no_grad():
-        return patched_forward(model, input_ids, attention_mask, keep_outputs=True, logit_positions=_first(input_ids)).outputs
+        return patched_forward(
+            model, input_ids, attention_mask, keep_outputs=True, logit_positions=_first(input_ids)
+        ).outputs
 
 
 def patching_values(
@@ -168,7 +174,10 @@ def patching_values(
 
 
 def mean_values(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Ablation values for ``mean``: each source's output averaged over examples and real positions, ``[n_src, 1, 1, D]``."""
+    """Ablation values for ``mean``: each source's output averaged over examples and real positions.
+
+    Shape ``[n_src, 1, 1, D]``: one value per source, the same at every position.
+    """
     attention_mask = check_batch(model, input_ids, attention_mask)
     outputs = source_outputs(model, input_ids, attention_mask)
     weights = attention_mask.to(outputs.dtype)[None, :, :, None]
@@ -199,12 +208,15 @@ def check_batch(
     bad = ((input_ids < 0) | (input_ids >= vocab)).nonzero()
     if len(bad):
         b, t = bad[0].tolist()
-        raise ValueError(f"example {b}, position {t}: token id {int(input_ids[b, t])} is outside the vocabulary (0..{vocab - 1})")
+        raise ValueError(
+            f"example {b}, position {t}: token id {int(input_ids[b, t])} is outside the vocabulary (0..{vocab - 1})"
+        )
     if attention_mask is None:
         return torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
-            f"{what} attention mask has shape {tuple(attention_mask.shape)} but the ids have shape {tuple(input_ids.shape)}"
+            f"{what} attention mask has shape {tuple(attention_mask.shape)} "
+            f"but the ids have shape {tuple(input_ids.shape)}"
         )
     if attention_mask.device != model.device:
         raise ValueError(f"{what} attention mask is on {attention_mask.device} but the model is on {model.device}")

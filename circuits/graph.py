@@ -97,7 +97,7 @@ class Graph:
     def edges(self) -> list[str]:
         """Edge names ``src->dst``, ordered by source then destination."""
         rows, cols = self.real.nonzero(as_tuple=True)
-        return [f"{self.sources[i]}->{self.destinations[j]}" for i, j in zip(rows.tolist(), cols.tolist())]
+        return [f"{self.sources[i]}->{self.destinations[j]}" for i, j in zip(rows.tolist(), cols.tolist(), strict=True)]
 
     def source_index(self, name: str) -> int:
         try:
@@ -126,7 +126,9 @@ class Graph:
     def edge_name(self, i: int, j: int) -> str:
         """The name of the edge at ``[i, j]``; ValueError if that is no real edge."""
         if not (0 <= i < self.n_src and 0 <= j < self.n_dst) or not self.real[i, j]:
-            raise ValueError(f"[{i}, {j}] is not an edge of this graph ({self.n_src} sources, {self.n_dst} destinations)")
+            raise ValueError(
+                f"[{i}, {j}] is not an edge of this graph ({self.n_src} sources, {self.n_dst} destinations)"
+            )
         return f"{self.sources[i]}->{self.destinations[j]}"
 
     def __len__(self) -> int:

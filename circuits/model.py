@@ -62,7 +62,9 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Model:
+def load_model(
+    name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Model:
     """Load a model by bundled name (``"smollm2-135m"``), HF hub id or local directory.
 
     ``device`` defaults to CUDA when available, else CPU.
@@ -78,6 +80,8 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a model without a tokenizer works through token ids
+    if tokenizer is not None and len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        tokenizer = None  # transformers builds an empty tokenizer when the directory has none
     return Model(hf.to(device), tokenizer, name=name_or_path)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
     Qwen3Config,
-    AutoModelForCausalLM,
 )
 
 import circuits

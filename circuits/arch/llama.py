@@ -49,7 +49,7 @@ class LlamaAdapter(Adapter):
         counts = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         if normed.shape[0] == 1:
-            q, k, v = (split_heads(p(normed[0]), n) for p, n in zip(projections, counts))
+            q, k, v = (split_heads(p(normed[0]), n) for p, n in zip(projections, counts, strict=True))
         else:
             q, k, v = (
                 per_head_linear(
@@ -57,7 +57,7 @@ class LlamaAdapter(Adapter):
                     p.weight.view(n, self.head_dim, self.d_model),
                     None if p.bias is None else p.bias.view(n, self.head_dim),
                 )
-                for part, p, n in zip(self.split_qkv_inputs(normed), projections, counts)
+                for part, p, n in zip(self.split_qkv_inputs(normed), projections, counts, strict=True)
             )
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's query and key
             q, k = attn.q_norm(q), attn.k_norm(k)

@@ -1,0 +1,161 @@
+"""The engine's forward against the plain HF forward, measured in the same process on the same batch.
+
+SmolLM2, 32 prompts of about 16 tokens. Prints median seconds, the ratio
+ours / plain, and the peak memory of each (CUDA: allocator peak; CPU: the
+peak resident set during the call, above the level before it).
+
+    .venv/bin/python benchmarks/forward.py [--repeats 7] [--device cpu]
+
+The ratio column compares with the first row (the plain HF forward with all
+logits); compare the "last logits" rows with each other for the like-for-like
+figure, since circuit metrics only need the prediction positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import circuits
+
+PROMPTS = [
+    "When {a} and {b} went to the {place}, {c} gave a {thing} to the other one",
+    "After {a} and {b} met at the {place} yesterday, {c} handed the {thing} to",
+]
+NAMES = ["John", "Mary", "Alice", "Bob", "Kate", "Peter", "Anna", "David"]
+PLACES = ["store", "park", "school", "office"]
+THINGS = ["drink", "book", "ring", "ball"]
+
+
+def prompts(n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        template = PROMPTS[i % len(PROMPTS)]
+        out.append(
+            template.format(
+                a=NAMES[i % 8], b=NAMES[(i + 3) % 8], c=NAMES[(i + 5) % 8], place=PLACES[i % 4], thing=THINGS[i % 4]
+            )
+        )
+    return out
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """Bytes of memory one call of ``fn`` needs above what is already held.
+
+    CUDA: the allocator's peak. CPU (Linux): the peak resident set (VmHWM), reset
+    through /proc/self/clear_refs before the call, minus the resident set before it.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident set
+    start = _rss_kib("VmRSS:")
+    fn()
+    return (_rss_kib("VmHWM:") - start) * 1024
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def setup(device_name: str | None):
+    model = circuits.load_model("smollm2-135m", device=device_name)
+    device = model.device
+    encoded = model.tokenizer(prompts(32), return_tensors="pt", padding=True, padding_side="right")
+    ids, mask = encoded.input_ids.to(device), encoded.attention_mask.to(device)
+    last = mask.sum(1) - 1
+    ones = torch.ones(model.graph.n_src, model.graph.n_dst, device=device)
+    half = (torch.rand(ones.shape, generator=torch.Generator().manual_seed(0)) < 0.5).float().to(device)
+    patch = circuits.source_outputs(model, ids, mask)  # stands in for a corrupted run: same cost
+    cases = {
+        "plain HF forward (all logits)": lambda: model.hf(ids, attention_mask=mask).logits,
+        "plain HF forward (last logits)": lambda: model.hf(ids, attention_mask=mask, logits_to_keep=1).logits,
+        "engine, no mask (all logits)": lambda: circuits.patched_forward(model, ids, mask).logits,
+        "engine, no mask (last logits)": lambda: (
+            circuits.patched_forward(model, ids, mask, logit_positions=last).logits
+        ),
+        "engine, mask of ones": lambda: circuits.patched_forward(model, ids, mask, ones, logit_positions=last).logits,
+        "engine, 50% random mask, patching": lambda: (
+            circuits.patched_forward(model, ids, mask, half, patch, logit_positions=last).logits
+        ),
+    }
+    return model, ids, mask, cases
+
+
+def cpu_memory(device_name: str | None) -> dict[str, int]:
+    """CPU peaks, measured in a child process where glibc maps every large tensor on its own
+    and unmaps it when freed, so that the resident set follows live memory. (Timings are
+    taken here, under the default allocator settings.)"""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, __file__, "--memory-only"] + (["--device", device_name] if device_name else [])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    model, ids, mask, cases = setup(args.device)
+    device = model.device
+    if args.memory_only:
+        with torch.no_grad():
+            for fn in cases.values():
+                fn()  # warm-up: one-time allocations are not the case's own
+            print(json.dumps({name: peak_memory(fn, device) for name, fn in cases.items()}))
+        return
+    print(f"{model}\nbatch {tuple(ids.shape)}, {int(mask.sum())} real tokens, torch threads {torch.get_num_threads()}")
+    with torch.no_grad():
+        seconds = {name: median_seconds(fn, device, args.repeats) for name, fn in cases.items()}
+        memory = (
+            {name: peak_memory(fn, device) for name, fn in cases.items()}
+            if device.type == "cuda"
+            else cpu_memory(args.device)
+        )
+    results = {name: (seconds[name], memory[name]) for name in cases}
+
+    base_seconds, base_memory = results["plain HF forward (all logits)"]
+    print(f"\n{'':34s} {'median s':>9s} {'ratio':>6s} {'peak MiB':>9s} {'ratio':>6s}")
+    for name, (seconds, peak) in results.items():
+        print(
+            f"{name:34s} {seconds:9.3f} {seconds / base_seconds:6.2f} {peak / 2**20:9.1f} "
+            f"{peak / max(base_memory, 1):6.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
