@@ -96,6 +96,11 @@ def setup(device_name: str | None):
     ones = torch.ones(model.graph.n_src, model.graph.n_dst, device=device)
     half = (torch.rand(ones.shape, generator=torch.Generator().manual_seed(0)) < 0.5).float().to(device)
     patch = circuits.source_outputs(model, ids, mask)  # stands in for a corrupted run: same cost
+    real = model.graph.real.nonzero()
+    circuit = torch.zeros_like(ones)  # a 200-edge circuit: everything else patched
+    circuit[tuple(real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:200]].T)] = 1
+    one_edge = ones.clone()
+    one_edge[model.graph.index("a3.h1->a20.h2<k>")] = 0
     cases = {
         "plain HF forward (all logits)": lambda: model.hf(ids, attention_mask=mask).logits,
         "plain HF forward (last logits)": lambda: model.hf(ids, attention_mask=mask, logits_to_keep=1).logits,
@@ -104,6 +109,12 @@ def setup(device_name: str | None):
             circuits.patched_forward(model, ids, mask, logit_positions=last).logits
         ),
         "engine, mask of ones": lambda: circuits.patched_forward(model, ids, mask, ones, logit_positions=last).logits,
+        "engine, one edge patched": lambda: (
+            circuits.patched_forward(model, ids, mask, one_edge, patch, logit_positions=last).logits
+        ),
+        "engine, 200-edge circuit, patching": lambda: (
+            circuits.patched_forward(model, ids, mask, circuit, patch, logit_positions=last).logits
+        ),
         "engine, 50% random mask, patching": lambda: (
             circuits.patched_forward(model, ids, mask, half, patch, logit_positions=last).logits
         ),

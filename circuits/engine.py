@@ -14,6 +14,7 @@ runs the plain model's computation (no per-destination copies).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -68,37 +69,22 @@ def patched_forward(
     if patch is not None:
         check_patch(model, patch, batch, seq)
     needs_sources = keep_outputs or keep is not None
-    track_grad = keep is not None and keep.requires_grad
-
-    chunks: list[tuple[int, torch.Tensor]] = []  # (first source index, out - patch) per chunk
     outputs: list[torch.Tensor] = []
+    deltas = None if keep is None else _Deltas(keep, patch, (batch, seq, adapter.d_model))
 
     def add_sources(start: int, out: torch.Tensor) -> None:
         if keep_outputs:
             outputs.append(out)
-        if keep is not None:
-            chunks.append((start, out if patch is None else out - patch[start : start + len(out)]))
+        if deltas is not None:
+            deltas.add(start, out)
 
     def read(resid: torch.Tensor, destinations: slice, n_reads: int) -> torch.Tensor:
         """Inputs of ``destinations``: ``[n, B, T, D]``, or ``[1, B, T, D]`` when all read ``resid``."""
-        n = destinations.stop - destinations.start
-        if keep is None and grad_hook is None:
-            return resid.unsqueeze(0)
-        inputs = resid.unsqueeze(0).expand(n, *resid.shape)
-        removed = None
-        for start, delta in chunks:
-            if start >= n_reads:
-                break
-            weights = keep[start : start + len(delta), destinations]  # [n_chunk, n]
-            if not track_grad and not weights.any():
-                continue
-            term = (weights.T @ delta.flatten(1)).view(n, *resid.shape)
-            removed = term if removed is None else removed + term
-        if removed is None and grad_hook is None:
-            return resid.unsqueeze(0)  # nothing ablated here: every destination reads the same stream
-        if removed is not None:
-            inputs = inputs - removed
-        if grad_hook is not None and inputs.requires_grad:
+        inputs = resid.unsqueeze(0) if deltas is None else deltas.read(resid, destinations, n_reads)
+        if grad_hook is None:
+            return inputs
+        inputs = inputs.expand(destinations.stop - destinations.start, *resid.shape)
+        if inputs.requires_grad:
             inputs.register_hook(partial(grad_hook, destinations))
         return inputs
 
@@ -109,6 +95,9 @@ def patched_forward(
     for slots in graph.layers:
         layer = slots.layer
         q, k, v = adapter.qkv(layer, read(resid, slots.attention_destinations, slots.attention_reads), ctx)
+        mlp_slot = slice(slots.mlp_destination, slots.mlp_destination + 1)
+        if adapter.parallel:  # the MLP reads the stream the heads read: before they are added
+            mlp_in = read(resid, mlp_slot, slots.mlp_reads)
         z = adapter.attend(layer, q, k, v, ctx)
         if needs_sources:
             heads = adapter.head_outputs(layer, z)
@@ -119,9 +108,8 @@ def patched_forward(
                 attention_out = attention_out + bias
         else:
             attention_out = adapter.attention_output(layer, z)
-        mlp_slot = slice(slots.mlp_destination, slots.mlp_destination + 1)
         if adapter.parallel:
-            mlp_out = adapter.mlp(layer, read(resid, mlp_slot, slots.mlp_reads))[0]
+            mlp_out = adapter.mlp(layer, mlp_in)[0]
             resid = mlp_out + attention_out + resid
         else:
             resid = attention_out + resid
@@ -134,6 +122,67 @@ def patched_forward(
         final = final[torch.arange(batch, device=final.device), logit_positions]
     logits = adapter.unembed(final)
     return PatchedOutput(logits, torch.cat(outputs) if keep_outputs else None)
+
+
+class _Deltas:
+    """The sources' ``out_u - patch_u`` so far, and the destination reads they imply.
+
+    ``keep`` is ``1 - edge_mask``. A read is ``resid - keep^T @ deltas`` or, when
+    fewer sources are kept than ablated, the equivalent ``ablated + (1 - keep)^T @ deltas``
+    with ``ablated = resid - sum(deltas)`` (every source patched). Without autograd the
+    deltas live in one preallocated buffer and only the rows that matter are read;
+    with autograd they are kept as a list of chunks (no in-place writes).
+    """
+
+    def __init__(self, keep: torch.Tensor, patch: torch.Tensor | None, shape: tuple[int, int, int]):
+        self.keep, self.patch, self.shape = keep, patch, shape
+        self.differentiable = torch.is_grad_enabled()
+        self.chunks: list[torch.Tensor] = []
+        self.count = 0
+        if not self.differentiable:
+            self.buffer = torch.empty(keep.shape[0], math.prod(shape), dtype=keep.dtype, device=keep.device)
+            self.total = torch.zeros(shape, dtype=keep.dtype, device=keep.device)
+
+    def add(self, start: int, out: torch.Tensor) -> None:
+        delta = out if self.patch is None else out - self.patch[start : start + len(out)]
+        if self.differentiable:
+            self.chunks.append(delta)
+        else:
+            self.buffer[start : start + len(delta)] = delta.flatten(1)
+            self.total += delta.sum(0)
+        self.count = start + len(out)
+
+    def read(self, resid: torch.Tensor, destinations: slice, n_reads: int) -> torch.Tensor:
+        keep = self.keep[:n_reads, destinations]
+        n = keep.shape[1]
+        if self.differentiable:
+            removed = None
+            start = 0
+            for delta in self.chunks:
+                if start >= n_reads:
+                    break
+                weights = keep[start : start + len(delta)]
+                start += len(delta)
+                if weights.requires_grad or weights.any():
+                    term = (weights.T @ delta.flatten(1)).view(n, *self.shape)
+                    removed = term if removed is None else removed + term
+            return resid.unsqueeze(0) if removed is None else resid.unsqueeze(0) - removed
+        assert n_reads == self.count, "a destination reads every source computed before it"
+        ablated_rows = keep.any(1).nonzero().flatten()
+        if len(ablated_rows) == 0:
+            return resid.unsqueeze(0)  # nothing ablated here: every destination reads the same stream
+        kept = 1 - keep
+        kept_rows = kept.any(1).nonzero().flatten()
+        if len(kept_rows) < len(ablated_rows):
+            added = self._contract(kept, kept_rows)
+            return (resid - self.total).unsqueeze(0) + added.view(n, *self.shape)
+        return resid.unsqueeze(0) - self._contract(keep, ablated_rows).view(n, *self.shape)
+
+    def _contract(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``weights^T @ deltas`` over the given rows; a gather pays off only when they are few."""
+        if 4 * len(rows) > len(weights):
+            return weights.T @ self.buffer[: len(weights)]
+        return weights[rows].T @ self.buffer.index_select(0, rows)
 
 
 def source_outputs(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -204,3 +204,16 @@ def test_runs_in_half_precision(dtype):
     full = run(model, clean, mask)
     expected = hf_logits(model, clean, mask)
     assert torch.allclose(full[mask.bool()].float(), expected[mask.bool()].float(), atol=0.05)
+
+
+def test_with_and_without_autograd_give_the_same_logits(tiny, pair):
+    """The engine keeps deltas differently with autograd on and off; the results agree."""
+    clean, corrupted, mask = pair
+    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    generator = torch.Generator().manual_seed(3)
+    for density in (0.1, 0.5, 0.9):  # mostly ablated, mixed, mostly kept
+        edge_mask = (torch.rand(tiny.graph.n_src, tiny.graph.n_dst, generator=generator) < density).float()
+        without = run(tiny, clean, mask, edge_mask, patch)
+        with torch.enable_grad():
+            tracked = circuits.patched_forward(tiny, clean, mask, edge_mask.requires_grad_(True), patch).logits
+        assert torch.allclose(without[mask.bool()], tracked.detach()[mask.bool()], atol=ATOL)
