@@ -38,6 +38,16 @@ def test_full_mask_reproduces_hf_logits(tiny, pair):
         assert torch.allclose(real_positions(got, mask), real_positions(expected, mask), atol=ATOL)
 
 
+def test_full_mask_requiring_grad_reproduces_hf_logits(tiny, pair):
+    """A mask that requires grad takes the per-destination path even when it is all ones."""
+    clean, _, mask = pair
+    got = circuits.patched_forward(tiny, clean, mask, ones(tiny).requires_grad_(True)).logits
+    assert got.requires_grad
+    assert torch.allclose(
+        real_positions(got.detach(), mask), real_positions(hf_logits(tiny, clean, mask), mask), atol=ATOL
+    )
+
+
 def test_empty_mask_with_patching_reproduces_corrupted_logits(tiny, pair):
     clean, corrupted, mask = pair
     patch = circuits.patching_values(tiny, mask, corrupted, mask)
