@@ -5,12 +5,7 @@ from __future__ import annotations
 import pytest
 
 import circuits
-from circuits.tiny import ARCHITECTURES, VOCAB, tiny_hf, tiny_pair
-
-make_hf = tiny_hf
-make_pair = tiny_pair
-
-__all__ = ["ARCHITECTURES", "VOCAB", "make_hf", "make_pair"]
+from circuits.tiny import ARCHITECTURES, tiny_hf, tiny_pair
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)
@@ -20,9 +15,9 @@ def arch(request) -> str:
 
 @pytest.fixture(scope="session")
 def tiny(arch) -> circuits.Model:
-    return circuits.Model.from_hf(make_hf(arch), name=f"tiny-{arch}")
+    return circuits.Model.from_hf(tiny_hf(arch), name=f"tiny-{arch}")
 
 
 @pytest.fixture(scope="session")
 def pair():
-    return make_pair()
+    return tiny_pair()

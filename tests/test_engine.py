@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_hf, make_pair
 from oracle import Oracle
 
 import circuits
+from circuits.tiny import tiny_hf as make_hf
+from circuits.tiny import tiny_pair as make_pair
 
 ATOL = 1e-4
 

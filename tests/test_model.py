@@ -6,12 +6,13 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import VOCAB, make_hf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Model, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 import circuits
 from circuits import model as model_module
+from circuits.tiny import VOCAB
+from circuits.tiny import tiny_hf as make_hf
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_hf, make_pair
 
 import circuits
+from circuits.tiny import tiny_hf as make_hf
+from circuits.tiny import tiny_pair as make_pair
 
 
 @pytest.fixture(scope="module")
