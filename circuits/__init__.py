@@ -3,10 +3,12 @@
 from .engine import PatchedOutput, mean_values, patched_forward, patching_values, source_outputs
 from .graph import Graph
 from .model import Model, load_model
+from .task import Baseline, Task, TokenizedTask
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Baseline",
     "Graph",
     "Model",
     "PatchedOutput",
@@ -15,4 +17,6 @@ __all__ = [
     "patched_forward",
     "patching_values",
     "source_outputs",
+    "Task",
+    "TokenizedTask",
 ]

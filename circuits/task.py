@@ -1,0 +1,430 @@
+"""Tasks: clean prompts, corrupted prompts, answers, and the metric that scores the model on them.
+
+A task holds either text (tokenized with the model's tokenizer) or token ids
+(for models without a tokenizer). Tokenizing checks what patching needs: the
+two prompts of a pair have the same length, and every answer is one token.
+Errors name the example and show its text and tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .io import atomic_write_text
+
+if TYPE_CHECKING:
+    from .model import Model
+
+METRICS = ("logit_diff", "prob_diff", "kl")
+Metric = str | Callable[[torch.Tensor, "TokenizedTask"], torch.Tensor]
+TEXT_KEYS = ("clean", "corrupted", "answers", "wrong_answers")
+ID_KEYS = ("clean_ids", "corrupted_ids", "answer_ids", "wrong_answer_ids")
+
+
+@dataclass
+class TokenizedTask:
+    """A task as tensors: right-padded prompts and padded answer sets (``*_mask`` marks the real entries)."""
+
+    clean_ids: torch.Tensor  # [N, T]
+    corrupted_ids: torch.Tensor  # [N, T]
+    attention_mask: torch.Tensor  # [N, T]
+    positions: torch.Tensor  # [N] the prediction position: each prompt's last token
+    answer_ids: torch.Tensor  # [N, A]
+    answer_mask: torch.Tensor  # [N, A] bool
+    wrong_ids: torch.Tensor  # [N, W]
+    wrong_mask: torch.Tensor  # [N, W] bool
+    start: int = 0  # index of the first example in the whole task
+
+    def __len__(self) -> int:
+        return len(self.clean_ids)
+
+    def batches(self, batch_size: int):
+        """Consecutive batches, each trimmed to its own longest prompt."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self[start : start + batch_size]
+
+    def __getitem__(self, rows: slice) -> TokenizedTask:
+        length = int(self.attention_mask[rows].sum(1).max())
+        return TokenizedTask(
+            self.clean_ids[rows, :length],
+            self.corrupted_ids[rows, :length],
+            self.attention_mask[rows, :length],
+            self.positions[rows],
+            self.answer_ids[rows],
+            self.answer_mask[rows],
+            self.wrong_ids[rows],
+            self.wrong_mask[rows],
+            self.start + (rows.start or 0),
+        )
+
+    def to(self, device: torch.device | str) -> TokenizedTask:
+        fields = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return replace(self, **fields)
+
+
+def metric_values(
+    metric: Metric, logits: torch.Tensor, batch: TokenizedTask, clean_logits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The metric per example, from logits ``[B, V]`` at the prediction positions.
+
+    ``kl`` is KL(clean model || this run) and needs the clean run's logits.
+    """
+    if callable(metric):
+        return _custom_metric(metric, logits, batch)
+    if metric == "kl":
+        if clean_logits is None:
+            raise ValueError("the kl metric needs the clean run's logits")
+        clean = F.log_softmax(clean_logits.float(), -1)
+        return (clean.exp() * (clean - F.log_softmax(logits.float(), -1))).sum(-1)
+    values = logits.float() if metric == "logit_diff" else F.softmax(logits.float(), -1)
+    answer = (values.gather(1, batch.answer_ids) * batch.answer_mask).sum(1)
+    wrong = (values.gather(1, batch.wrong_ids) * batch.wrong_mask).sum(1)
+    if metric == "logit_diff":  # mean over each set
+        return answer / batch.answer_mask.sum(1) - wrong / batch.wrong_mask.sum(1)
+    return answer - wrong  # prob_diff: summed probability of each set
+
+
+def correct(logits: torch.Tensor, batch: TokenizedTask) -> torch.Tensor:
+    """Per example: does the best answer's logit beat the best wrong answer's?"""
+    lowest = torch.finfo(logits.dtype).min
+    best_answer = logits.gather(1, batch.answer_ids).masked_fill(~batch.answer_mask, lowest).max(1).values
+    best_wrong = logits.gather(1, batch.wrong_ids).masked_fill(~batch.wrong_mask, lowest).max(1).values
+    return best_answer > best_wrong
+
+
+def _custom_metric(metric: Callable, logits: torch.Tensor, batch: TokenizedTask) -> torch.Tensor:
+    name = getattr(metric, "__name__", "custom metric")
+    values = metric(logits, batch)
+    if not isinstance(values, torch.Tensor):
+        raise ValueError(f"metric {name!r} returned {type(values).__name__}; it must return a tensor")
+    if tuple(values.shape) != (len(batch),):
+        raise ValueError(
+            f"metric {name!r} returned shape {tuple(values.shape)}; "
+            f"it must return one value per example: ({len(batch)},)"
+        )
+    bad = (~torch.isfinite(values)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"metric {name!r} returned {values[bad[0]].item()} for example {batch.start + int(bad[0])}")
+    return values
+
+
+@dataclass
+class Baseline:
+    """How the unmodified model does on a task."""
+
+    clean: float  # mean metric on the clean prompts
+    corrupted: float  # mean metric on the corrupted prompts (scored with the clean answers)
+    accuracy: float  # fraction of clean prompts where an answer beats every wrong answer
+    per_example: pd.DataFrame  # columns clean, corrupted, correct
+
+
+class Task:
+    """Clean and corrupted prompts with their answers and a metric.
+
+    ``answers[i]`` and ``wrong_answers[i]`` are one string or a list of strings (a set:
+    ``logit_diff`` then compares mean logits, ``prob_diff`` summed probabilities).
+    ``metric`` is ``"logit_diff"``, ``"prob_diff"``, ``"kl"`` or a callable
+    ``(logits [B, V], TokenizedTask batch) -> [B]``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        clean: Sequence[str],
+        corrupted: Sequence[str],
+        answers: Sequence[str | Sequence[str]],
+        wrong_answers: Sequence[str | Sequence[str]],
+        metric: Metric = "logit_diff",
+    ):
+        self.name = _check_name(name)
+        self.metric = _check_metric(metric)
+        _check_lengths(self.name, clean=clean, corrupted=corrupted, answers=answers, wrong_answers=wrong_answers)
+        for i in range(len(clean)):
+            for field, prompt in (("clean", clean[i]), ("corrupted", corrupted[i])):
+                if not isinstance(prompt, str) or not prompt:
+                    raise ValueError(f"example {i}: the {field} prompt must be a non-empty string, got {prompt!r}")
+            for field, answer in (("answer", answers[i]), ("wrong answer", wrong_answers[i])):
+                _answer_set(answer, str, f"example {i}: {field}")
+        self.clean, self.corrupted = list(clean), list(corrupted)
+        self.answers, self.wrong_answers = list(answers), list(wrong_answers)
+        self.token_ids: dict[str, list] | None = None
+        self._tokenized: dict[int, tuple[Any, TokenizedTask]] = {}
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        name: str,
+        clean_ids: Sequence[Sequence[int]],
+        corrupted_ids: Sequence[Sequence[int]],
+        answer_ids: Sequence[int | Sequence[int]],
+        wrong_answer_ids: Sequence[int | Sequence[int]],
+        metric: Metric = "logit_diff",
+    ) -> Task:
+        """A task given as token ids, for models without a tokenizer."""
+        task = cls.__new__(cls)
+        task.name = _check_name(name)
+        task.metric = _check_metric(metric)
+        columns = dict(clean_ids=clean_ids, corrupted_ids=corrupted_ids)
+        _check_lengths(task.name, **columns, answer_ids=answer_ids, wrong_answer_ids=wrong_answer_ids)
+        for i in range(len(clean_ids)):
+            for field, ids in columns.items():
+                if not _is_id_list(ids[i]):
+                    raise ValueError(f"example {i}: {field} must be a non-empty list of token ids, got {ids[i]!r}")
+            if len(clean_ids[i]) != len(corrupted_ids[i]):
+                raise ValueError(
+                    f"example {i}: the clean prompt has {len(clean_ids[i])} tokens but the corrupted prompt has "
+                    f"{len(corrupted_ids[i])}; the two prompts of a pair must have equal length"
+                )
+            _answer_set(answer_ids[i], int, f"example {i}: answer id")
+            _answer_set(wrong_answer_ids[i], int, f"example {i}: wrong answer id")
+        task.clean = task.corrupted = task.answers = task.wrong_answers = None
+        task.token_ids = {
+            "clean_ids": [[int(t) for t in ids] for ids in clean_ids],
+            "corrupted_ids": [[int(t) for t in ids] for ids in corrupted_ids],
+            "answer_ids": _plain(answer_ids),
+            "wrong_answer_ids": _plain(wrong_answer_ids),
+        }
+        task._tokenized = {}
+        return task
+
+    def __len__(self) -> int:
+        return len(self.token_ids["clean_ids"]) if self.token_ids else len(self.clean)
+
+    def __repr__(self) -> str:
+        kind = "token ids" if self.token_ids else "text"
+        metric = self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "custom")
+        return f"Task({self.name!r}: {len(self)} examples, {kind}, metric {metric})"
+
+    # --- tokenization -------------------------------------------------------------------
+    def tokenize(self, tokenizer=None) -> TokenizedTask:
+        """The task as tensors (cached per tokenizer). Token-id tasks need no tokenizer."""
+        key = 0 if self.token_ids else id(tokenizer)
+        if key not in self._tokenized:
+            if self.token_ids:
+                ids = self.token_ids
+                tokenized = _pack(ids["clean_ids"], ids["corrupted_ids"], ids["answer_ids"], ids["wrong_answer_ids"])
+            else:
+                tokenized = self._tokenize_text(tokenizer)
+            self._tokenized[key] = (tokenizer, tokenized)  # the tokenizer is kept so its id stays unique
+        return self._tokenized[key][1]
+
+    def _tokenize_text(self, tokenizer) -> TokenizedTask:
+        if tokenizer is None:
+            raise ValueError(f"task {self.name!r} holds text: tokenize it with the model's tokenizer")
+        clean_ids, corrupted_ids, answer_ids, wrong_ids = [], [], [], []
+        for i in range(len(self)):
+            clean = tokenizer(self.clean[i])["input_ids"]
+            corrupted = tokenizer(self.corrupted[i])["input_ids"]
+            if len(clean) != len(corrupted):
+                raise ValueError(
+                    f"example {i}: the clean and corrupted prompts tokenize to different lengths "
+                    f"({len(clean)} vs {len(corrupted)} tokens):\n"
+                    f"  clean:     {self.clean[i]!r} -> {tokenizer.convert_ids_to_tokens(clean)}\n"
+                    f"  corrupted: {self.corrupted[i]!r} -> {tokenizer.convert_ids_to_tokens(corrupted)}"
+                )
+            clean_ids.append(clean)
+            corrupted_ids.append(corrupted)
+            answer_ids.append(_single_tokens(tokenizer, self.answers[i], f"example {i}: answer"))
+            wrong_ids.append(_single_tokens(tokenizer, self.wrong_answers[i], f"example {i}: wrong answer"))
+        return _pack(clean_ids, corrupted_ids, answer_ids, wrong_ids)
+
+    # --- subsets and files ------------------------------------------------------------
+    def _select(self, indices: Sequence[int], name: str | None = None) -> Task:
+        name = name or self.name
+        if self.token_ids:
+            columns = {key: [values[i] for i in indices] for key, values in self.token_ids.items()}
+            return Task.from_token_ids(name, *columns.values(), metric=self.metric)
+        columns = [[getattr(self, key)[i] for i in indices] for key in TEXT_KEYS]
+        return Task(name, *columns, metric=self.metric)
+
+    def subset(self, n: int) -> Task:
+        """The first ``n`` examples."""
+        if not 1 <= n <= len(self):
+            raise ValueError(f"subset size must be between 1 and {len(self)} (the task's size), got {n}")
+        return self._select(range(n))
+
+    def split(self, test_fraction: float = 0.5, seed: int = 0) -> tuple[Task, Task]:
+        """A random split into a discovery task and a held-out evaluation task."""
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+        n_test = round(len(self) * test_fraction)
+        if not 0 < n_test < len(self):
+            raise ValueError(f"a {test_fraction} split of {len(self)} examples leaves one side empty")
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        test, discovery = sorted(order[:n_test]), sorted(order[n_test:])
+        return self._select(discovery, f"{self.name}-discovery"), self._select(test, f"{self.name}-test")
+
+    def to_jsonl(self, path: str | Path) -> Path:
+        """One example a line: ``{"clean", "corrupted", "answers", "wrong_answers"}`` (``*_ids`` for id tasks)."""
+        keys = ID_KEYS if self.token_ids else TEXT_KEYS
+        columns = [self.token_ids[k] for k in keys] if self.token_ids else [getattr(self, k) for k in keys]
+        lines = [
+            json.dumps(dict(zip(keys, row, strict=True)), ensure_ascii=False) for row in zip(*columns, strict=True)
+        ]
+        return atomic_write_text(path, "\n".join(lines) + "\n")
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, name: str | None = None, metric: Metric = "logit_diff") -> Task:
+        """Read a JSONL task (AutoCircuit's ``"corrupt"`` key is accepted for ``"corrupted"``)."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read task file {path}: {error}") from None
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            if "corrupt" in row and "corrupted" not in row:
+                row["corrupted"] = row.pop("corrupt")
+            keys = ID_KEYS if "clean_ids" in row else TEXT_KEYS
+            missing = [key for key in keys if key not in row]
+            if missing:
+                raise ValueError(f"{path}, line {number}: missing {', '.join(map(repr, missing))}")
+            if rows and rows[0][0] is not keys:
+                raise ValueError(f"{path}, line {number}: mixes text examples and token-id examples")
+            rows.append((keys, [row[key] for key in keys]))
+        if not rows:
+            raise ValueError(f"task file {path} holds no examples")
+        columns = [list(column) for column in zip(*(values for _, values in rows), strict=True)]
+        name = name or path.stem
+        if rows[0][0] is ID_KEYS:
+            return cls.from_token_ids(name, *columns, metric=metric)
+        return cls(name, *columns, metric=metric)
+
+    # --- the model on the task -----------------------------------------------------------
+    def baseline(self, model: Model, batch_size: int = 32) -> Baseline:
+        """The metric on clean and corrupted prompts, and the clean accuracy."""
+        from .engine import patched_forward
+
+        tokenized = self.tokenize(model.tokenizer).to(model.device)
+        frames = []
+        with torch.no_grad():
+            for batch in tokenized.batches(batch_size):
+                runs = [
+                    patched_forward(model, ids, batch.attention_mask, logit_positions=batch.positions).logits
+                    for ids in (batch.clean_ids, batch.corrupted_ids)
+                ]
+                clean = metric_values(self.metric, runs[0], batch, runs[0])
+                corrupted = metric_values(self.metric, runs[1], batch, runs[0])
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "clean": clean.cpu().numpy(),
+                            "corrupted": corrupted.cpu().numpy(),
+                            "correct": correct(runs[0], batch).cpu().numpy(),
+                        },
+                        index=range(batch.start, batch.start + len(batch)),
+                    )
+                )
+        table = pd.concat(frames)
+        return Baseline(float(table.clean.mean()), float(table.corrupted.mean()), float(table.correct.mean()), table)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a task needs a non-empty name, got {name!r}")
+    return name
+
+
+def _check_metric(metric: Metric) -> Metric:
+    if callable(metric) or metric in METRICS:
+        return metric
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)} or pass a callable")
+
+
+def _check_lengths(name: str, **columns: Sequence) -> None:
+    for field, values in columns.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ValueError(f"task {name!r}: {field} must be a list, got {type(values).__name__}")
+    sizes = {field: len(values) for field, values in columns.items()}
+    first = next(iter(sizes))
+    if sizes[first] == 0:
+        raise ValueError(f"task {name!r} is empty: it needs at least one example")
+    for field, size in sizes.items():
+        if size != sizes[first]:
+            raise ValueError(f"task {name!r}: {first} has {sizes[first]} entries but {field} has {size}")
+
+
+def _is_id_list(ids: Any) -> bool:
+    return (
+        isinstance(ids, Sequence)
+        and not isinstance(ids, (str, bytes))
+        and len(ids) > 0
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+    )
+
+
+def _answer_set(answer: Any, kind: type, what: str) -> list:
+    """An answer as a non-empty list of ``kind`` (str or token id)."""
+
+    def valid(item: Any) -> bool:
+        if kind is int:
+            return isinstance(item, int) and not isinstance(item, bool) and item >= 0
+        return isinstance(item, str) and item != ""
+
+    items = answer if isinstance(answer, (list, tuple)) else [answer]
+    if not items or not all(valid(item) for item in items):
+        expected = "a token id or a non-empty list of them" if kind is int else "a string or a non-empty list of them"
+        raise ValueError(f"{what} must be {expected}, got {answer!r}")
+    return list(items)
+
+
+def _plain(answers: Sequence) -> list:
+    return [[int(a) for a in answer] if isinstance(answer, (list, tuple)) else int(answer) for answer in answers]
+
+
+def _single_tokens(tokenizer, answer: str | Sequence[str], what: str) -> list[int]:
+    ids = []
+    for text in _answer_set(answer, str, what):
+        pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            raise ValueError(
+                f"{what} {text!r} is {len(pieces)} tokens {tokenizer.convert_ids_to_tokens(pieces)}; "
+                "answers must be single tokens"
+            )
+        ids.append(pieces[0])
+    return ids
+
+
+def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
+def _pack(clean_ids, corrupted_ids, answer_ids, wrong_ids) -> TokenizedTask:
+    clean, attention = _pad(clean_ids)
+    corrupted, _ = _pad(corrupted_ids)
+    answers, answer_mask = _pad([a if isinstance(a, list) else [a] for a in answer_ids])
+    wrong, wrong_mask = _pad([w if isinstance(w, list) else [w] for w in wrong_ids])
+    positions = attention.sum(1) - 1
+    return TokenizedTask(clean, corrupted, attention.long(), positions, answers, answer_mask, wrong, wrong_mask)
+
+
+__all__ = ["METRICS", "Baseline", "Task", "TokenizedTask", "correct", "metric_values"]
