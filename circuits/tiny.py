@@ -50,6 +50,20 @@ def tiny_hf(name: str, seed: int = 0) -> torch.nn.Module:
     return hf.eval()
 
 
+WORDS = ["<pad>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park"]
+
+
+def tiny_tokenizer():
+    """A whitespace word-level tokenizer over ``WORDS`` plus ``w11`` ... ``w60`` (ids match ``VOCAB``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = WORDS + [f"w{i}" for i in range(len(WORDS), VOCAB)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
+
+
 def tiny_pair(batch: int = 4, seq: int = 9, seed: int = 1, lengths: list[int] | None = None):
     """Clean and corrupted token ids, equal length per pair, right-padded with 0, and the attention mask.
 

@@ -6,20 +6,12 @@ import importlib.util
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Model, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Model, OPTConfig, OPTForCausalLM
 
 import circuits
 from circuits import model as model_module
-from circuits.tiny import VOCAB
 from circuits.tiny import tiny_hf as make_hf
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    words = ["<pad>", "the", "cat", "sat", "on", "mat"] + [f"w{i}" for i in range(VOCAB - 6)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
+from circuits.tiny import tiny_tokenizer
 
 
 def test_local_directory_loads_offline_with_its_tokenizer(tmp_path, monkeypatch):
