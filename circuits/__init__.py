@@ -1,6 +1,6 @@
 """circuits: automated circuit discovery for Hugging Face transformer language models."""
 
-from .engine import PatchedOutput, mean_values, patched_forward, patching_values, source_outputs
+from .engine import PatchedOutput, PrefixCache, mean_values, patched_forward, patching_values, source_outputs
 from .graph import Graph
 from .model import Model, load_model
 from .task import Baseline, Task, TokenizedTask
@@ -12,6 +12,7 @@ __all__ = [
     "Graph",
     "Model",
     "PatchedOutput",
+    "PrefixCache",
     "load_model",
     "mean_values",
     "patched_forward",

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .arch import Context
+from .graph import LayerSlots
+
 if TYPE_CHECKING:
     from .model import Model
 
@@ -46,6 +49,7 @@ def patched_forward(
     keep_outputs: bool = False,
     logit_positions: torch.Tensor | None = None,
     grad_hook: GradHook | None = None,
+    input_embeddings: torch.Tensor | None = None,
 ) -> PatchedOutput:
     """Run the model with every edge ``u->v`` weighted by ``edge_mask[u, v]``.
 
@@ -59,49 +63,91 @@ def patched_forward(
         grad_hook: called during backward as ``grad_hook(destinations, grad)`` with the
             gradient ``[n, B, T, D]`` of the inputs of each layer's destinations
             (``destinations`` is a slice of the graph's destination indices).
+        input_embeddings: ``[B, T, D]`` to use as the ``input`` source's output instead of
+            embedding ``input_ids`` (integrated gradients interpolate it).
     """
-    graph, adapter = model.graph, model.adapter
-    attention_mask = check_batch(model, input_ids, attention_mask)
-    batch, seq = input_ids.shape
     keep = None if edge_mask is None else check_edge_mask(model, edge_mask)
     if keep is not None and not keep.requires_grad and not keep.any():
         keep = None  # a constant mask of ones: the plain computation
-    if patch is not None:
-        check_patch(model, patch, batch, seq)
-    needs_sources = keep_outputs or keep is not None
-    outputs: list[torch.Tensor] = []
-    deltas = None if keep is None else _Deltas(keep, patch, (batch, seq, adapter.d_model))
+    run = _Run.start(model, input_ids, attention_mask, keep, patch, keep_outputs, grad_hook, input_embeddings)
+    for slots in model.graph.layers:
+        run.layer(slots)
+    return PatchedOutput(run.logits(logit_positions), torch.cat(run.outputs) if keep_outputs else None)
 
-    def add_sources(start: int, out: torch.Tensor) -> None:
-        if keep_outputs:
-            outputs.append(out)
-        if deltas is not None:
-            deltas.add(start, out)
 
-    def read(resid: torch.Tensor, destinations: slice, n_reads: int) -> torch.Tensor:
-        """Inputs of ``destinations``: ``[n, B, T, D]``, or ``[1, B, T, D]`` when all read ``resid``."""
-        inputs = resid.unsqueeze(0) if deltas is None else deltas.read(resid, destinations, n_reads)
-        if grad_hook is None:
+class _Run:
+    """One patched forward, layer by layer (so that a run can also resume from a cached prefix)."""
+
+    def __init__(
+        self,
+        model: Model,
+        ctx: Context,
+        resid: torch.Tensor,
+        deltas: _Deltas | None,
+        keep_outputs: bool = False,
+        grad_hook: GradHook | None = None,
+    ):
+        self.model, self.adapter, self.graph = model, model.adapter, model.graph
+        self.ctx, self.resid, self.deltas = ctx, resid, deltas
+        self.keep_outputs, self.grad_hook = keep_outputs, grad_hook
+        self.outputs: list[torch.Tensor] = []
+
+    @classmethod
+    def start(
+        cls,
+        model: Model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        patch: torch.Tensor | None,
+        keep_outputs: bool = False,
+        grad_hook: GradHook | None = None,
+        input_embeddings: torch.Tensor | None = None,
+    ) -> _Run:
+        """Validate the batch, embed it, and record the ``input`` source."""
+        attention_mask = check_batch(model, input_ids, attention_mask)
+        batch, seq = input_ids.shape
+        if patch is not None:
+            check_patch(model, patch, batch, seq)
+        deltas = None if keep is None else _Deltas(keep, patch, (batch, seq, model.adapter.d_model))
+        position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        if input_embeddings is None:
+            resid = model.adapter.embed(input_ids, position_ids)
+        else:
+            check_embeddings(model, input_embeddings, batch, seq)
+            resid = input_embeddings
+        ctx = model.adapter.context(attention_mask, resid, position_ids)
+        run = cls(model, ctx, resid, deltas, keep_outputs, grad_hook)
+        run.add_sources(0, resid.unsqueeze(0))
+        return run
+
+    def add_sources(self, start: int, out: torch.Tensor) -> None:
+        if self.keep_outputs:
+            self.outputs.append(out)
+        if self.deltas is not None:
+            self.deltas.add(start, out)
+
+    def read(self, destinations: slice, n_reads: int) -> torch.Tensor:
+        """Inputs of ``destinations``: ``[n, B, T, D]``, or ``[1, B, T, D]`` when all read the stream."""
+        resid = self.resid
+        inputs = resid.unsqueeze(0) if self.deltas is None else self.deltas.read(resid, destinations, n_reads)
+        if self.grad_hook is None:
             return inputs
         inputs = inputs.expand(destinations.stop - destinations.start, *resid.shape)
         if inputs.requires_grad:
-            inputs.register_hook(partial(grad_hook, destinations))
+            inputs.register_hook(partial(self.grad_hook, destinations))
         return inputs
 
-    position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-    resid = adapter.embed(input_ids, position_ids)
-    ctx = adapter.context(attention_mask, resid, position_ids)
-    add_sources(0, resid.unsqueeze(0))
-    for slots in graph.layers:
-        layer = slots.layer
-        q, k, v = adapter.qkv(layer, read(resid, slots.attention_destinations, slots.attention_reads), ctx)
+    def layer(self, slots: LayerSlots) -> None:
+        adapter, layer = self.adapter, slots.layer
+        q, k, v = adapter.qkv(layer, self.read(slots.attention_destinations, slots.attention_reads), self.ctx)
         mlp_slot = slice(slots.mlp_destination, slots.mlp_destination + 1)
         if adapter.parallel:  # the MLP reads the stream the heads read: before they are added
-            mlp_in = read(resid, mlp_slot, slots.mlp_reads)
-        z = adapter.attend(layer, q, k, v, ctx)
-        if needs_sources:
+            mlp_in = self.read(mlp_slot, slots.mlp_reads)
+        z = adapter.attend(layer, q, k, v, self.ctx)
+        if self.keep_outputs or self.deltas is not None:
             heads = adapter.head_outputs(layer, z)
-            add_sources(slots.heads.start, heads)
+            self.add_sources(slots.heads.start, heads)
             attention_out = heads.sum(0)
             bias = adapter.out_bias(layer)
             if bias is not None:
@@ -110,18 +156,76 @@ def patched_forward(
             attention_out = adapter.attention_output(layer, z)
         if adapter.parallel:
             mlp_out = adapter.mlp(layer, mlp_in)[0]
-            resid = mlp_out + attention_out + resid
+            self.resid = mlp_out + attention_out + self.resid
         else:
-            resid = attention_out + resid
-            mlp_out = adapter.mlp(layer, read(resid, mlp_slot, slots.mlp_reads))[0]
-            resid = resid + mlp_out
-        add_sources(slots.mlp_source, mlp_out.unsqueeze(0))
+            self.resid = attention_out + self.resid
+            mlp_out = adapter.mlp(layer, self.read(mlp_slot, slots.mlp_reads))[0]
+            self.resid = self.resid + mlp_out
+        self.add_sources(slots.mlp_source, mlp_out.unsqueeze(0))
 
-    final = read(resid, slice(graph.n_dst - 1, graph.n_dst), graph.n_src)[0]
-    if logit_positions is not None:
-        final = final[torch.arange(batch, device=final.device), logit_positions]
-    logits = adapter.unembed(final)
-    return PatchedOutput(logits, torch.cat(outputs) if keep_outputs else None)
+    def logits(self, positions: torch.Tensor | None) -> torch.Tensor:
+        n_dst = self.graph.n_dst
+        final = self.read(slice(n_dst - 1, n_dst), self.graph.n_src)[0]
+        if positions is not None:
+            final = final[torch.arange(len(final), device=final.device), positions]
+        return self.adapter.unembed(final)
+
+
+class PrefixCache:
+    """The clean run (mask of ones) of one batch, saved at the start of every layer.
+
+    ``run(edge_mask, from_layer)`` then computes only layers ``from_layer`` onward; it is
+    exact when ``edge_mask`` is one on every destination before ``from_layer`` (true for
+    single-edge ablations and for ACDC, which visits destinations in reverse order).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        patch: torch.Tensor | None,
+        logit_positions: torch.Tensor | None = None,
+    ):
+        self.model, self.logit_positions, self.patch = model, logit_positions, patch
+        graph = model.graph
+        with torch.no_grad():
+            keep = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
+            run = _Run.start(model, input_ids, attention_mask, keep, patch)
+            self.ctx = run.ctx
+            self.states = []  # per layer: (stream, sum of deltas) before that layer
+            for slots in graph.layers:
+                self.states.append((run.resid, run.deltas.total.clone()))
+                run.layer(slots)
+            self.states.append((run.resid, run.deltas.total.clone()))
+            self.clean_logits = run.logits(logit_positions)
+        self.clean_deltas = run.deltas.buffer
+        self.working = self.clean_deltas.clone()
+        self.dirty_from = graph.n_src  # rows of ``working`` at and after this differ from the clean run
+        self.layers_run = 0  # layers computed by run(), for counting forward-pass equivalents
+
+    def reads_before(self, layer: int) -> int:
+        """How many sources precede ``layer`` (``n_layers`` for the unembedding)."""
+        graph = self.model.graph
+        return graph.layers[layer].attention_reads if layer < graph.n_layers else graph.n_src
+
+    def run(self, edge_mask: torch.Tensor, from_layer: int) -> torch.Tensor:
+        """Logits with ``edge_mask``, recomputing only layers ``from_layer`` onward."""
+        graph = self.model.graph
+        start = self.reads_before(from_layer)
+        if self.dirty_from < start:  # an earlier run from a lower layer overwrote rows we need
+            self.working[self.dirty_from : start] = self.clean_deltas[self.dirty_from : start]
+        self.dirty_from = min(self.dirty_from, start)
+        with torch.no_grad():
+            keep = check_edge_mask(self.model, edge_mask)
+            resid, total = self.states[from_layer]
+            deltas = _Deltas(keep, self.patch, tuple(resid.shape), buffer=self.working, total=total.clone())
+            deltas.count = start
+            run = _Run(self.model, self.ctx, resid, deltas)
+            for slots in graph.layers[from_layer:]:
+                run.layer(slots)
+            self.layers_run += graph.n_layers - from_layer
+            return run.logits(self.logit_positions)
 
 
 class _Deltas:
@@ -134,14 +238,22 @@ class _Deltas:
     with autograd they are kept as a list of chunks (no in-place writes).
     """
 
-    def __init__(self, keep: torch.Tensor, patch: torch.Tensor | None, shape: tuple[int, int, int]):
+    def __init__(
+        self,
+        keep: torch.Tensor,
+        patch: torch.Tensor | None,
+        shape: tuple[int, int, int],
+        buffer: torch.Tensor | None = None,
+        total: torch.Tensor | None = None,
+    ):
         self.keep, self.patch, self.shape = keep, patch, shape
         self.differentiable = torch.is_grad_enabled()
         self.chunks: list[torch.Tensor] = []
         self.count = 0
         if not self.differentiable:
-            self.buffer = torch.empty(keep.shape[0], math.prod(shape), dtype=keep.dtype, device=keep.device)
-            self.total = torch.zeros(shape, dtype=keep.dtype, device=keep.device)
+            options = dict(dtype=keep.dtype, device=keep.device)
+            self.buffer = torch.empty(keep.shape[0], math.prod(shape), **options) if buffer is None else buffer
+            self.total = torch.zeros(shape, **options) if total is None else total
 
     def add(self, start: int, out: torch.Tensor) -> None:
         delta = out if self.patch is None else out - self.patch[start : start + len(out)]
@@ -290,6 +402,17 @@ def check_edge_mask(model: Model, edge_mask: torch.Tensor) -> torch.Tensor:
     if edge_mask.device != model.device:
         raise ValueError(f"edge mask is on {edge_mask.device} but the model is on {model.device}")
     return (1 - edge_mask).to(model.dtype)
+
+
+def check_embeddings(model: Model, embeddings: torch.Tensor, batch: int, seq: int) -> None:
+    expected = (batch, seq, model.adapter.d_model)
+    if tuple(embeddings.shape) != expected:
+        raise ValueError(f"input embeddings have shape {tuple(embeddings.shape)}; need {list(expected)}")
+    if embeddings.dtype != model.dtype or embeddings.device != model.device:
+        raise ValueError(
+            f"input embeddings are {embeddings.dtype} on {embeddings.device}; "
+            f"the model is {model.dtype} on {model.device}"
+        )
 
 
 def check_patch(model: Model, patch: torch.Tensor, batch: int, seq: int) -> None:

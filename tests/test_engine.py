@@ -228,3 +228,21 @@ def test_with_and_without_autograd_give_the_same_logits(tiny, pair):
         with torch.enable_grad():
             tracked = circuits.patched_forward(tiny, clean, mask, edge_mask.requires_grad_(True), patch).logits
         assert torch.allclose(without[mask.bool()], tracked.detach()[mask.bool()], atol=ATOL)
+
+
+def test_prefix_cache_runs_equal_full_runs(tiny, pair):
+    """Resuming from the clean run's cached prefix gives the logits of a whole patched forward."""
+    clean, corrupted, mask = pair
+    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    positions = mask.sum(1) - 1
+    cache = circuits.PrefixCache(tiny, clean, mask, patch, positions)
+    assert torch.allclose(cache.clean_logits, run(tiny, clean, mask, logit_positions=positions), atol=ATOL)
+    graph = tiny.graph
+    # lower layers first, then higher: a later run must not see rows an earlier one overwrote
+    for edge in ("a0.h1->a1.h0<k>", "input->m0", "a1.h2->m2", "m1->a2.h1<q>", "a2.h0->logits", "a0.h0->a1.h0<v>"):
+        i, j = graph.index(edge)
+        layer = next((s.layer for s in graph.layers if j <= s.mlp_destination), graph.n_layers)
+        edge_mask = ones(tiny)
+        edge_mask[i, j] = 0
+        expected = run(tiny, clean, mask, edge_mask, patch, logit_positions=positions)
+        assert torch.allclose(cache.run(edge_mask, layer), expected, atol=ATOL), edge
