@@ -1,7 +1,9 @@
 """circuits: automated circuit discovery for Hugging Face transformer language models."""
 
+from .circuit import Circuit, Scores
 from .engine import PatchedOutput, PrefixCache, mean_values, patched_forward, patching_values, source_outputs
 from .graph import Graph
+from .methods import acdc, attribute
 from .model import Model, load_model
 from .task import Baseline, Task, TokenizedTask
 
@@ -9,6 +11,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Baseline",
+    "Circuit",
+    "Scores",
+    "acdc",
+    "attribute",
     "Graph",
     "Model",
     "PatchedOutput",

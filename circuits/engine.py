@@ -172,11 +172,11 @@ class _Run:
 
 
 class PrefixCache:
-    """The clean run (mask of ones) of one batch, saved at the start of every layer.
+    """One batch run with a base mask (default: all ones, the clean run), saved before every layer.
 
-    ``run(edge_mask, from_layer)`` then computes only layers ``from_layer`` onward; it is
-    exact when ``edge_mask`` is one on every destination before ``from_layer`` (true for
-    single-edge ablations and for ACDC, which visits destinations in reverse order).
+    ``run(edge_mask, from_layer)`` then computes only layers ``from_layer`` onward; it is exact
+    when ``edge_mask`` equals the base mask on every destination before ``from_layer`` (true for
+    single-edge ablations of the clean run, and for ACDC, which visits destinations in reverse).
     """
 
     def __init__(
@@ -186,11 +186,15 @@ class PrefixCache:
         attention_mask: torch.Tensor | None,
         patch: torch.Tensor | None,
         logit_positions: torch.Tensor | None = None,
+        base_mask: torch.Tensor | None = None,
     ):
         self.model, self.logit_positions, self.patch = model, logit_positions, patch
         graph = model.graph
         with torch.no_grad():
-            keep = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
+            if base_mask is None:
+                keep = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
+            else:
+                keep = check_edge_mask(model, base_mask)
             run = _Run.start(model, input_ids, attention_mask, keep, patch)
             self.ctx = run.ctx
             self.states = []  # per layer: (stream, sum of deltas) before that layer
@@ -198,10 +202,10 @@ class PrefixCache:
                 self.states.append((run.resid, run.deltas.total.clone()))
                 run.layer(slots)
             self.states.append((run.resid, run.deltas.total.clone()))
-            self.clean_logits = run.logits(logit_positions)
-        self.clean_deltas = run.deltas.buffer
-        self.working = self.clean_deltas.clone()
-        self.dirty_from = graph.n_src  # rows of ``working`` at and after this differ from the clean run
+            self.base_logits = run.logits(logit_positions)
+        self.base_deltas = run.deltas.buffer
+        self.working = self.base_deltas.clone()
+        self.dirty_from = graph.n_src  # rows of ``working`` at and after this differ from the base run
         self.layers_run = 0  # layers computed by run(), for counting forward-pass equivalents
 
     def reads_before(self, layer: int) -> int:
@@ -214,7 +218,7 @@ class PrefixCache:
         graph = self.model.graph
         start = self.reads_before(from_layer)
         if self.dirty_from < start:  # an earlier run from a lower layer overwrote rows we need
-            self.working[self.dirty_from : start] = self.clean_deltas[self.dirty_from : start]
+            self.working[self.dirty_from : start] = self.base_deltas[self.dirty_from : start]
         self.dirty_from = min(self.dirty_from, start)
         with torch.no_grad():
             keep = check_edge_mask(self.model, edge_mask)

@@ -236,7 +236,7 @@ def test_prefix_cache_runs_equal_full_runs(tiny, pair):
     patch = circuits.patching_values(tiny, mask, corrupted, mask)
     positions = mask.sum(1) - 1
     cache = circuits.PrefixCache(tiny, clean, mask, patch, positions)
-    assert torch.allclose(cache.clean_logits, run(tiny, clean, mask, logit_positions=positions), atol=ATOL)
+    assert torch.allclose(cache.base_logits, run(tiny, clean, mask, logit_positions=positions), atol=ATOL)
     graph = tiny.graph
     # lower layers first, then higher: a later run must not see rows an earlier one overwrote
     for edge in ("a0.h1->a1.h0<k>", "input->m0", "a1.h2->m2", "m1->a2.h1<q>", "a2.h0->logits", "a0.h0->a1.h0<v>"):

@@ -1,0 +1,67 @@
+"""Timing and peak-memory helpers shared by the benchmarks (they print figures, never assert them)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """Bytes of memory one call of ``fn`` needs above what is already held.
+
+    CUDA: the allocator's peak. CPU (Linux): the peak resident set (VmHWM), reset
+    through /proc/self/clear_refs before the call, minus the resident set before it.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident set
+    start = _rss_kib("VmRSS:")
+    fn()
+    return (_rss_kib("VmHWM:") - start) * 1024
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def child_memory(script: str, device_name: str | None) -> dict[str, int]:
+    """CPU peaks of every case, from ``script --memory-only`` run in a child process.
+
+    There glibc maps every large tensor on its own and unmaps it when freed, so the resident
+    set follows live memory. (Timings are taken in the parent, under the default settings.)
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, script, "--memory-only"] + (["--device", device_name] if device_name else [])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
