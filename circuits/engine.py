@@ -237,9 +237,11 @@ class _Deltas:
 
     ``keep`` is ``1 - edge_mask``. A read is ``resid - keep^T @ deltas`` or, when
     fewer sources are kept than ablated, the equivalent ``ablated + (1 - keep)^T @ deltas``
-    with ``ablated = resid - sum(deltas)`` (every source patched). Without autograd the
-    deltas live in one preallocated buffer and only the rows that matter are read;
-    with autograd they are kept as a list of chunks (no in-place writes).
+    with ``ablated = resid - sum(deltas)`` (every source patched). A constant mask (every
+    entry c, as integrated gradients use) needs no per-destination inputs at all: every
+    destination reads ``resid - (1 - c) * sum(deltas)``. Without autograd the deltas live in
+    one preallocated buffer and only the rows that matter are read; with autograd they are
+    kept as a list of chunks (no in-place writes).
     """
 
     def __init__(
@@ -254,21 +256,27 @@ class _Deltas:
         self.differentiable = torch.is_grad_enabled()
         self.chunks: list[torch.Tensor] = []
         self.count = 0
+        first = keep.flatten()[0]
+        self.uniform = None if keep.requires_grad or not bool((keep == first).all()) else first
+        options = dict(dtype=keep.dtype, device=keep.device)
+        self.total = torch.zeros(shape, **options) if total is None else total
         if not self.differentiable:
-            options = dict(dtype=keep.dtype, device=keep.device)
             self.buffer = torch.empty(keep.shape[0], math.prod(shape), **options) if buffer is None else buffer
-            self.total = torch.zeros(shape, **options) if total is None else total
 
     def add(self, start: int, out: torch.Tensor) -> None:
         delta = out if self.patch is None else out - self.patch[start : start + len(out)]
         if self.differentiable:
             self.chunks.append(delta)
+            self.total = self.total + delta.sum(0)
         else:
             self.buffer[start : start + len(delta)] = delta.flatten(1)
             self.total += delta.sum(0)
         self.count = start + len(out)
 
     def read(self, resid: torch.Tensor, destinations: slice, n_reads: int) -> torch.Tensor:
+        assert n_reads == self.count, "a destination reads every source computed before it"
+        if self.uniform is not None:
+            return (resid - self.uniform * self.total).unsqueeze(0)
         keep = self.keep[:n_reads, destinations]
         n = keep.shape[1]
         if self.differentiable:
@@ -283,7 +291,6 @@ class _Deltas:
                     term = (weights.T @ delta.flatten(1)).view(n, *self.shape)
                     removed = term if removed is None else removed + term
             return resid.unsqueeze(0) if removed is None else resid.unsqueeze(0) - removed
-        assert n_reads == self.count, "a destination reads every source computed before it"
         ablated_rows = keep.any(1).nonzero().flatten()
         if len(ablated_rows) == 0:
             return resid.unsqueeze(0)  # nothing ablated here: every destination reads the same stream

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import patched_forward
+from ..engine import PatchedOutput, patched_forward
 from ..model import Model
 from ..task import Task
 from .common import Batch, batches, metric_sum
@@ -45,10 +45,11 @@ def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps:
     graph, tokens = model.graph, batch.tokens
     ids, mask, positions = tokens.clean_ids, tokens.attention_mask, tokens.positions
     with torch.no_grad():
-        clean = patched_forward(model, ids, mask, keep_outputs=True, logit_positions=positions)
-    deltas = clean.outputs if batch.patch is None else clean.outputs - batch.patch  # out_u - patch_u
-    clean_input = clean.outputs[0]
-    ablated_input = (torch.zeros_like(clean_input) if batch.patch is None else batch.patch[0]).expand_as(clean_input)
+        clean_input = model.adapter.embed(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
+        ablated_input = torch.zeros_like(clean_input) if batch.patch is None else batch.patch[0].expand_as(clean_input)
+        clean = None
+        if method not in ("eap", "clean-corrupted"):  # else the first gradient point is the clean run itself
+            clean = patched_forward(model, ids, mask, keep_outputs=True, logit_positions=positions)
 
     gradients: dict[int, tuple[slice, torch.Tensor]] = {}
 
@@ -69,20 +70,26 @@ def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps:
             mask,
             edge_mask,
             batch.patch,
-            keep_outputs=per_point,
+            keep_outputs=per_point or clean is None,
             logit_positions=positions,
             grad_hook=accumulate,
             input_embeddings=embeddings,
         )
+        if clean is None:  # this point is the clean run: its outputs and logits are the clean ones
+            clean = PatchedOutput(run.logits.detach(), run.outputs.detach())
         value = metric_sum(task, run.logits, batch, clean.logits) / len(points)
         torch.autograd.grad(value, embeddings, allow_unused=True)
         if per_point:
-            outputs = run.outputs.detach()
-            _contract(scores, outputs if batch.patch is None else outputs - batch.patch, gradients, graph)
+            _contract(scores, _deltas(run.outputs.detach(), batch.patch), gradients, graph)
             gradients.clear()
     if not per_point:
-        _contract(scores, deltas, gradients, graph)
+        _contract(scores, _deltas(clean.outputs, batch.patch), gradients, graph)
     return scores
+
+
+def _deltas(outputs: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
+    """out_u - patch_u for every source."""
+    return outputs if patch is None else outputs - patch
 
 
 def _contract(scores: torch.Tensor, deltas: torch.Tensor, gradients: dict, graph) -> None:
