@@ -145,7 +145,7 @@ class _Run:
         if adapter.parallel:  # the MLP reads the stream the heads read: before they are added
             mlp_in = self.read(mlp_slot, slots.mlp_reads)
         z = adapter.attend(layer, q, k, v, self.ctx)
-        if self.keep_outputs or self.deltas is not None:
+        if self.keep_outputs or (self.deltas is not None and self.deltas.needs_sources):
             heads = adapter.head_outputs(layer, z)
             self.add_sources(slots.heads.start, heads)
             attention_out = heads.sum(0)
@@ -231,6 +231,63 @@ class PrefixCache:
             self.layers_run += graph.n_layers - from_layer
             return run.logits(self.logit_positions)
 
+    def run_ablations(self, units: list[tuple[int, int | None]], from_layer: int) -> torch.Tensor:
+        """Logits ``[k, B, V]`` for k single ablations of the base run, side by side in one forward.
+
+        A unit ``(u, v)`` ablates the edge ``u->v``; ``(u, None)`` every edge out of source ``u``.
+        Valid when the base mask is all ones (the clean run) and no unit touches a destination
+        before ``from_layer``.
+        """
+        graph, copies = self.model.graph, len(units)
+        resid, _ = self.states[from_layer]
+        batch = resid.shape[0]
+        with torch.no_grad():
+            rows = torch.tensor([u for u, _ in units], device=self.base_deltas.device)
+            deltas = self.base_deltas.index_select(0, rows).view(copies, *resid.shape)
+            ctx = self.ctx
+            ctx = Context(
+                ctx.attention_mask.repeat(copies, 1, 1, 1),
+                {w: m.repeat(copies, 1, 1, 1) for w, m in ctx.sliding_masks.items()},
+                None if ctx.rotary is None else tuple(t.repeat(copies, 1, 1) for t in ctx.rotary),
+            )
+            run = _Run(self.model, ctx, resid.repeat(copies, 1, 1), _Ablations(units, deltas, batch))
+            for slots in graph.layers[from_layer:]:
+                run.layer(slots)
+            self.layers_run += (graph.n_layers - from_layer) * copies
+            positions = None if self.logit_positions is None else self.logit_positions.repeat(copies)
+            logits = run.logits(positions)
+        return logits.view(copies, batch, *logits.shape[1:])
+
+
+class _Ablations:
+    """Reads for k copies of one clean batch, copy r with one source ``u_r`` ablated on some destinations.
+
+    Copy r's destination ``v_r`` (or every reader of ``u_r`` when ``v_r`` is None) reads
+    ``resid - delta_{u_r}``; everything else reads its own copy's stream.
+    """
+
+    needs_sources = False
+
+    def __init__(self, units: list[tuple[int, int | None]], deltas: torch.Tensor, batch: int):
+        self.units, self.deltas, self.batch = units, deltas, batch
+
+    def add(self, start: int, out: torch.Tensor) -> None:
+        pass  # ablated sources' deltas are those of the clean run
+
+    def read(self, resid: torch.Tensor, destinations: slice, n_reads: int) -> torch.Tensor:
+        hits = [
+            (copy, None if v is None else v - destinations.start)
+            for copy, (u, v) in enumerate(self.units)
+            if u < n_reads and (v is None or destinations.start <= v < destinations.stop)
+        ]
+        if not hits:
+            return resid.unsqueeze(0)
+        inputs = resid.unsqueeze(0).repeat(destinations.stop - destinations.start, 1, 1, 1)
+        for copy, column in hits:
+            rows = slice(copy * self.batch, (copy + 1) * self.batch)
+            inputs[slice(None) if column is None else column, rows] -= self.deltas[copy]
+        return inputs
+
 
 class _Deltas:
     """The sources' ``out_u - patch_u`` so far, and the destination reads they imply.
@@ -243,6 +300,8 @@ class _Deltas:
     one preallocated buffer and only the rows that matter are read; with autograd they are
     kept as a list of chunks (no in-place writes).
     """
+
+    needs_sources = True
 
     def __init__(
         self,

@@ -312,3 +312,12 @@ def test_acdc_bad_arguments_are_rejected(kwargs, message, task):
     model = circuits.Model.from_hf(tiny_hf("gpt2"))
     with pytest.raises(ValueError, match=message):
         circuits.acdc(model, task, progress=False, **kwargs)
+
+
+def test_exact_gives_the_same_scores_one_ablation_per_forward_or_many(task):
+    model = circuits.Model.from_hf(tiny_hf("qwen3"))
+    exact = importlib.import_module("circuits.methods.exact")
+    for level in ("edge", "node"):
+        many = exact.exact_scores(model, task, "patching", 64, level, False)
+        one = exact.exact_scores(model, task, "patching", 64, level, False, max_tokens=1)
+        assert torch.allclose(many, one, atol=1e-6), level

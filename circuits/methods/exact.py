@@ -2,7 +2,8 @@
 
 score = mean metric(edge ablated) - mean metric(clean). Ablating an edge into layer L leaves
 everything before L as in the clean run, so each patched forward computes only layers L onward
-(``PrefixCache``). Units are visited from the last layer down so the cache never has to restore rows.
+(``PrefixCache``), and the ablations of one layer run side by side as copies of the batch, as
+many per forward as ``max_tokens`` allows.
 """
 
 from __future__ import annotations
@@ -31,23 +32,32 @@ def first_reader_layer(graph: Graph, source: int) -> int:
     return destination_layer(graph, int(readers[0]))
 
 
-def exact_scores(model: Model, task: Task, ablation: str, batch_size: int, level: str, progress: bool) -> torch.Tensor:
+def exact_scores(
+    model: Model, task: Task, ablation: str, batch_size: int, level: str, progress: bool, max_tokens: int = 8192
+) -> torch.Tensor:
+    """Exact scores; up to ``max_tokens`` tokens (copies of a batch, one ablation each) per forward."""
     graph = model.graph
     if level == "edge":
         units = [(destination_layer(graph, int(j)), (int(i), int(j))) for i, j in graph.real.nonzero()]
     else:
-        units = [(first_reader_layer(graph, i), (i, slice(None))) for i in range(graph.n_src)]
-    units.sort(key=lambda unit: -unit[0])
+        units = [(first_reader_layer(graph, i), (i, None)) for i in range(graph.n_src)]
+    by_layer: dict[int, list[tuple[int, int | None]]] = {}
+    for layer, unit in units:
+        by_layer.setdefault(layer, []).append(unit)
     scores = torch.zeros(graph.n_src, graph.n_dst) if level == "edge" else torch.zeros(graph.n_src)
-    ones = torch.ones(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
     for batch in batches(model, task, ablation, batch_size, progress):
         tokens = batch.tokens
         cache = PrefixCache(model, tokens.clean_ids, tokens.attention_mask, batch.patch, tokens.positions)
         clean = cache.base_logits
         baseline = metric_sum(task, clean, batch, clean)
-        for layer, index in tqdm(units, desc="exact", disable=not progress, leave=False):
-            edge_mask = ones.clone()
-            edge_mask[index] = 0
-            effect = (metric_sum(task, cache.run(edge_mask, layer), batch, clean) - baseline).cpu()
-            scores[index if level == "edge" else index[0]] += effect
+        copies = max(1, max_tokens // tokens.clean_ids.numel())
+        with tqdm(total=len(units), desc="exact", disable=not progress, leave=False) as bar:
+            for layer in sorted(by_layer, reverse=True):
+                group = by_layer[layer]
+                for start in range(0, len(group), copies):
+                    chunk = group[start : start + copies]
+                    for (u, v), logits in zip(chunk, cache.run_ablations(chunk, layer), strict=True):
+                        effect = (metric_sum(task, logits, batch, clean) - baseline).cpu()
+                        scores[(u, v) if level == "edge" else u] += effect
+                    bar.update(len(chunk))
     return scores
