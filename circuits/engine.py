@@ -282,7 +282,8 @@ class _Ablations:
         ]
         if not hits:
             return resid.unsqueeze(0)
-        inputs = resid.unsqueeze(0).repeat(destinations.stop - destinations.start, 1, 1, 1)
+        shared = all(column is None for _, column in hits)  # whole-node ablations: one stream per copy
+        inputs = resid.unsqueeze(0).repeat(1 if shared else destinations.stop - destinations.start, 1, 1, 1)
         for copy, column in hits:
             rows = slice(copy * self.batch, (copy + 1) * self.batch)
             inputs[slice(None) if column is None else column, rows] -= self.deltas[copy]
