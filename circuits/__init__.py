@@ -2,6 +2,7 @@
 
 from .circuit import Circuit, Scores
 from .engine import PatchedOutput, PrefixCache, mean_values, patched_forward, patching_values, source_outputs
+from .evaluate import MIB_FRACTIONS, Curve, Evaluation, evaluate, faithfulness_curve, overlap, roc_auc
 from .graph import Graph
 from .methods import acdc, attribute
 from .model import Model, load_model
@@ -10,6 +11,13 @@ from .task import Baseline, Task, TokenizedTask
 __version__ = "0.1.0"
 
 __all__ = [
+    "MIB_FRACTIONS",
+    "Curve",
+    "Evaluation",
+    "evaluate",
+    "faithfulness_curve",
+    "overlap",
+    "roc_auc",
     "Baseline",
     "Circuit",
     "Scores",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from . import export
 from .graph import Graph
 
 
@@ -64,6 +66,26 @@ class Scores:
         order = torch.argsort(values.abs() if absolute else values, descending=True, stable=True)
         return [self.graph.edges[i] for i in order[:n].tolist()]
 
+    def top_n(self, n: int, absolute: bool = True) -> Circuit:
+        """The ``n`` best edges (by |score| unless ``absolute=False``), then pruned."""
+        return select(self._edge_level(), top_n_mask(self, n, absolute), f"top_n({n}, absolute={absolute})")
+
+    def threshold(self, t: float, absolute: bool = True) -> Circuit:
+        """Every edge whose score (|score| unless ``absolute=False``) is at least ``t``, then pruned."""
+        values = self._edge_level().tensor.nan_to_num(float("-inf"))
+        mask = (values.abs() if absolute else values) >= t
+        return select(self, mask, f"threshold({t}, absolute={absolute})")
+
+    def greedy(self, n: int, absolute: bool = True) -> Circuit:
+        """Grow from ``logits`` backwards, always adding the best edge into the circuit so far (EAP-IG's
+        greedy selection), until ``n`` edges; then pruned."""
+        return select(self._edge_level(), greedy_mask(self, n, absolute), f"greedy({n}, absolute={absolute})")
+
+    def _edge_level(self) -> Scores:
+        if self.level != "edge":
+            raise ValueError("selecting a circuit needs edge-level scores")
+        return self
+
     def __repr__(self) -> str:
         method = self.meta.get("method", "?")
         return f"Scores({method}, {self.level} level, {len(self):,} scores)"
@@ -104,6 +126,38 @@ class Circuit:
     def __len__(self) -> int:
         return int(self.mask.sum())
 
+    # --- files and views (circuits/export.py) ----------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the EAP-IG/MIB JSON layout (every edge with score and in_graph, plus ``meta``), atomically."""
+        return export.save(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None) -> Circuit:
+        """Read a circuit JSON file (ours, EAP-IG's or MIB's); with ``model``, checked against its graph."""
+        return export.load(path, model)
+
+    def to_mib_json(self, path: str | Path) -> Path:
+        """Like ``save``, with each GQA k/v edge repeated for every query head of its group (MIB naming)."""
+        return export.save(self, path, expand_gqa=True)
+
+    def to_networkx(self):
+        return export.to_networkx(self)
+
+    def to_graphml(self, path: str | Path) -> Path:
+        return export.to_graphml(self, path)
+
+    def to_dot(self) -> str:
+        return export.to_dot(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        return export.to_frame(self)
+
+    def plot(self, path_or_ax=None, **kwargs):
+        """A layered figure of the circuit (see ``circuits.plot.plot_circuit``); file type from the extension."""
+        from .plot import plot_circuit
+
+        return plot_circuit(self, path_or_ax, **kwargs)
+
     def __repr__(self) -> str:
         return f"Circuit({len(self)} edges, {len(self.nodes)} nodes)"
 
@@ -121,4 +175,98 @@ def edge_mask_from(graph: Graph, edges: Any) -> torch.Tensor:
     mask = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
     for edge in edges:
         mask[graph.index(edge)] = True
+    return mask
+
+
+def prune(graph: Graph, mask: torch.Tensor) -> torch.Tensor:
+    """Drop edges whose source is unreachable from ``input`` or whose destination cannot reach ``logits``.
+
+    A node is reached when one of its inputs has a kept edge from a reached node (``input`` is
+    reached); a destination is useful when it is ``logits`` or feeds a node with a kept edge into a
+    useful destination. Repeated until nothing changes.
+    """
+    mask = mask.clone() & graph.real
+    feeds = graph.feeds  # [n_dst, n_src]
+    logits = graph.n_dst - 1
+    while True:
+        reached = torch.zeros(graph.n_src, dtype=torch.bool)
+        reached[0] = True
+        for slots in graph.layers:  # forward: a layer's nodes read only earlier sources
+            fed = (mask & reached[:, None]).any(0)  # destinations with a kept edge from a reached source
+            layer_sources = list(range(slots.heads.start, slots.mlp_source + 1))
+            reached[layer_sources] = (feeds[:, layer_sources] & fed[:, None]).any(0)
+            # an MLP reads its own layer's heads: recompute once they are known
+            fed = (mask & reached[:, None]).any(0)
+            reached[slots.mlp_source] = bool(fed[slots.mlp_destination])
+        useful = torch.zeros(graph.n_dst, dtype=torch.bool)
+        useful[logits] = True
+        for slots in reversed(graph.layers):  # backward: which nodes send a kept edge into a useful destination
+            sends = (mask & useful[None, :]).any(1)  # per source
+            for j in [
+                slots.mlp_destination,
+                *range(slots.attention_destinations.start, slots.attention_destinations.stop),
+            ]:
+                useful[j] = bool((feeds[j] & sends).any())
+        pruned = mask & reached[:, None] & useful[None, :]
+        if torch.equal(pruned, mask):
+            return pruned
+        mask = pruned
+
+
+def select(scores: Scores, mask: torch.Tensor, how: str) -> Circuit:
+    """A pruned circuit from a selected edge mask, with edges and nodes before and after pruning in ``meta``."""
+    graph = scores.graph
+    before = Circuit(graph, mask)
+    after = Circuit(graph, prune(graph, mask), scores=scores.tensor, meta=dict(scores.meta))
+    after.meta["selection"] = {
+        "how": how,
+        "edges_before_pruning": len(before),
+        "nodes_before_pruning": len(before.nodes),
+        "edges_after_pruning": len(after),
+        "nodes_after_pruning": len(after.nodes),
+    }
+    return after
+
+
+def top_n_mask(scores: Scores, n: int, absolute: bool = True) -> torch.Tensor:
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative number of edges, got {n!r}")
+    graph = scores.graph
+    values = scores.values()
+    order = torch.argsort(values.abs() if absolute else values, descending=True, stable=True)[:n]
+    mask = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
+    rows, cols = graph.real.nonzero(as_tuple=True)
+    mask[rows[order], cols[order]] = True
+    return mask
+
+
+def greedy_mask(scores: Scores, n: int, absolute: bool = True) -> torch.Tensor:
+    """Grow from ``logits`` backwards, always adding the best-scoring edge into the circuit's nodes."""
+    import heapq
+
+    graph = scores.graph
+    values = scores.tensor.nan_to_num(float("-inf") if not absolute else 0.0)
+    key = values.abs() if absolute else values
+    mask = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
+    heap: list[tuple[float, int, int]] = []
+    pushed_destinations: set[int] = set()
+
+    def push_into(destination: int) -> None:
+        if destination in pushed_destinations:
+            return
+        pushed_destinations.add(destination)
+        for source in graph.real[:, destination].nonzero().flatten().tolist():
+            heapq.heappush(heap, (-float(key[source, destination]), source, destination))
+
+    push_into(graph.n_dst - 1)
+    in_circuit: set[int] = set()
+    while heap and int(mask.sum()) < n:
+        _, source, destination = heapq.heappop(heap)
+        if mask[source, destination]:
+            continue
+        mask[source, destination] = True
+        if source not in in_circuit and source != 0:
+            in_circuit.add(source)
+            for fed in graph.feeds[:, source].nonzero().flatten().tolist():
+                push_into(fed)
     return mask

@@ -99,6 +99,25 @@ class Graph:
         rows, cols = self.real.nonzero(as_tuple=True)
         return [f"{self.sources[i]}->{self.destinations[j]}" for i, j in zip(rows.tolist(), cols.tolist(), strict=True)]
 
+    @cached_property
+    def feeds(self) -> torch.Tensor:
+        """Boolean ``[n_dst, n_src]``: destination j is an input of source node s.
+
+        A head's ``<q>`` feeds that head; a key/value head's ``<k>``/``<v>`` feed every query
+        head of its group; an MLP input feeds that MLP; ``logits`` feeds no source.
+        """
+        feeds = torch.zeros(self.n_dst, self.n_src, dtype=torch.bool)
+        group = self.n_heads // self.n_kv_heads
+        for slots in self.layers:
+            first = slots.attention_destinations.start
+            for h in range(self.n_heads):
+                head = slots.heads.start + h
+                feeds[first + h, head] = True
+                feeds[first + self.n_heads + h // group, head] = True
+                feeds[first + self.n_heads + self.n_kv_heads + h // group, head] = True
+            feeds[slots.mlp_destination, slots.mlp_source] = True
+        return feeds
+
     def source_index(self, name: str) -> int:
         try:
             return self._source_index[name]

@@ -1,0 +1,183 @@
+"""How faithful a circuit is, faithfulness curves with MIB's CPR/CMD, and comparisons between edge sets.
+
+Faithfulness f(C) = (m(C) - m(empty)) / (m(full) - m(empty)), where m is the task-mean metric,
+``full`` the unmodified model, ``empty`` every edge ablated and m(C) the model with only the
+circuit's edges (everything else ablated). Curves use MIB's grid of circuit sizes; CPR is the
+area under f for circuits of the highest *signed* scores, CMD the area under |1 - f| for
+circuits of the highest *absolute* scores, x as a fraction of all edges, trapezoid rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .circuit import Circuit, Scores, edge_mask_from, prune, top_n_mask
+from .engine import patched_forward
+from .methods.common import ABLATIONS, batches, check_choice, check_positive
+from .model import Model
+from .task import Task, correct, metric_values
+
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class Evaluation:
+    """The metric with the circuit, the full model and the empty circuit; faithfulness between them."""
+
+    faithfulness: float
+    circuit: float
+    full: float
+    empty: float
+    accuracy: float  # with the circuit: an answer beats every wrong answer
+    per_example: pd.DataFrame  # columns full, circuit, empty, correct
+    edges: int
+
+
+def masked_metrics(
+    model: Model, task: Task, masks: Sequence[torch.Tensor], ablation: str = "patching", batch_size: int = 32
+) -> tuple[pd.DataFrame, list[np.ndarray], list[np.ndarray]]:
+    """Per-example metric of the full model, the empty circuit and each edge mask (one forward per mask and batch).
+
+    Returns (frame with columns full and empty, per-mask metric arrays, per-mask correctness arrays).
+    """
+    check_choice("ablation", ablation, ABLATIONS)
+    check_positive("batch_size", batch_size)
+    graph = model.graph
+    empty_mask = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
+    float_masks = [m.to(dtype=model.dtype, device=model.device) for m in masks]
+    full, empty = [], []
+    values: list[list[torch.Tensor]] = [[] for _ in masks]
+    right: list[list[torch.Tensor]] = [[] for _ in masks]
+    with torch.no_grad():
+        for batch in batches(model, task, ablation, batch_size):
+            tokens = batch.tokens
+            clean = _masked_logits(model, batch, None)
+            full.append(metric_values(task.metric, clean, tokens, clean))
+            empty.append(metric_values(task.metric, _masked_logits(model, batch, empty_mask), tokens, clean))
+            for k, mask in enumerate(float_masks):
+                logits = _masked_logits(model, batch, mask)
+                values[k].append(metric_values(task.metric, logits, tokens, clean))
+                right[k].append(correct(logits, tokens))
+    frame = pd.DataFrame({"full": torch.cat(full).cpu().numpy(), "empty": torch.cat(empty).cpu().numpy()})
+    return frame, [torch.cat(v).cpu().numpy() for v in values], [torch.cat(r).cpu().numpy() for r in right]
+
+
+def _masked_logits(model: Model, batch, mask: torch.Tensor | None) -> torch.Tensor:
+    tokens = batch.tokens
+    return patched_forward(
+        model, tokens.clean_ids, tokens.attention_mask, mask, batch.patch, logit_positions=tokens.positions
+    ).logits
+
+
+def faithfulness(circuit_value: float, full: float, empty: float) -> float:
+    return (circuit_value - empty) / (full - empty) if full != empty else float("nan")
+
+
+def evaluate(
+    model: Model, task: Task, circuit: Circuit, ablation: str = "patching", batch_size: int = 32
+) -> Evaluation:
+    """Faithfulness of ``circuit`` on ``task``: its edges kept, every other edge ablated."""
+    if circuit.graph.n_src != model.graph.n_src or circuit.graph.n_dst != model.graph.n_dst:
+        raise ValueError(f"the circuit is for {circuit.graph!r}, but the model has {model.graph!r}")
+    frame, values, right = masked_metrics(model, task, [circuit.mask], ablation, batch_size)
+    frame.insert(1, "circuit", values[0])
+    frame["correct"] = right[0]
+    full, empty, value = (float(frame[column].mean()) for column in ("full", "empty", "circuit"))
+    return Evaluation(
+        faithfulness(value, full, empty), value, full, empty, float(frame.correct.mean()), frame, len(circuit)
+    )
+
+
+@dataclass
+class Curve:
+    """Faithfulness against circuit size; ``frame`` has fraction, edges, faithfulness (signed
+    selection) and faithfulness_absolute (absolute selection)."""
+
+    frame: pd.DataFrame
+    cpr: float
+    cmd: float
+    label: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def plot(self, ax=None, path=None, others: Sequence[Curve] = ()):
+        """Draw this curve (and ``others``) on one axes; see ``circuits.plot.plot_curves``."""
+        from .plot import plot_curves
+
+        return plot_curves([self, *others], ax=ax, path=path)
+
+
+def area(fractions: Sequence[float], values: Sequence[float]) -> float:
+    """Trapezoid area with x as given (fractions of all edges, linear scale)."""
+    x, y = np.asarray(fractions, dtype=float), np.asarray(values, dtype=float)
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+
+
+def faithfulness_curve(
+    model: Model,
+    task: Task,
+    scores: Scores,
+    fractions: Sequence[float] = MIB_FRACTIONS,
+    ablation: str = "patching",
+    batch_size: int = 32,
+    label: str | None = None,
+) -> Curve:
+    """Faithfulness of the top-scoring circuits at each size (pruned), with CPR and CMD as MIB defines them."""
+    if scores.level != "edge":
+        raise ValueError("a faithfulness curve needs edge-level scores")
+    fractions = sorted(float(f) for f in fractions)
+    if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
+        raise ValueError(f"fractions must lie in (0, 1], got {fractions}")
+    graph, total = model.graph, len(model.graph)
+    sizes = [max(1, round(f * total)) for f in fractions]
+    signed = [prune(graph, top_n_mask(scores, n, absolute=False)) for n in sizes]
+    absolute = [prune(graph, top_n_mask(scores, n, absolute=True)) for n in sizes]
+    frame, values, _ = masked_metrics(model, task, signed + absolute, ablation, batch_size)
+    full, empty = float(frame["full"].mean()), float(frame["empty"].mean())
+    f = [faithfulness(float(v.mean()), full, empty) for v in values]
+    curve = pd.DataFrame(
+        {
+            "fraction": fractions,
+            "edges": sizes,
+            "faithfulness": f[: len(sizes)],
+            "faithfulness_absolute": f[len(sizes) :],
+            "edges_after_pruning": [int(m.sum()) for m in signed],
+        }
+    )
+    cpr = area(fractions, curve.faithfulness)
+    cmd = area(fractions, (1 - curve.faithfulness_absolute).abs())
+    meta = {**scores.meta, "full": full, "empty": empty, "ablation": ablation}
+    return Curve(curve, cpr, cmd, label or str(scores.meta.get("method", "")), meta)
+
+
+def roc_auc(scores: Scores | torch.Tensor, true_edges, absolute: bool = True) -> float:
+    """ROC AUC of edge scores (|score| unless ``absolute=False``) against a ground-truth edge set.
+
+    Ties count one half (the Mann-Whitney statistic). ``true_edges``: names, a Circuit or a mask.
+    """
+    if isinstance(scores, Scores):
+        graph, values = scores.graph, scores.tensor
+    else:
+        raise ValueError("roc_auc needs circuits.Scores (edge level)")
+    truth = edge_mask_from(graph, true_edges)[graph.real]
+    ranked = (values.abs() if absolute else values)[graph.real].nan_to_num(float("-inf"))
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError(f"ROC AUC needs both true and false edges; got {positives} true of {len(truth)}")
+    ranks = pd.Series(ranked.numpy()).rank(method="average").to_numpy()
+    return float((ranks[truth.numpy()].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def overlap(a: Circuit, b: Circuit) -> dict[str, float]:
+    """Jaccard similarity of two circuits' edge sets and node sets."""
+    edges_a, edges_b = set(a.edges), set(b.edges)
+    nodes_a, nodes_b = set(a.nodes), set(b.nodes)
+
+    def jaccard(x: set, y: set) -> float:
+        return len(x & y) / len(x | y) if x | y else 1.0
+
+    return {"edges": jaccard(edges_a, edges_b), "nodes": jaccard(nodes_a, nodes_b)}
