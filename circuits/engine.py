@@ -15,7 +15,7 @@ runs the plain model's computation (no per-destination copies).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -405,15 +405,24 @@ def patching_values(
     return source_outputs(model, corrupted_ids, corrupted_attention_mask)
 
 
-def mean_values(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def mean_values(
+    model: Model, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]] | torch.Tensor, attention_mask=None
+) -> torch.Tensor:
     """Ablation values for ``mean``: each source's output averaged over examples and real positions.
 
-    Shape ``[n_src, 1, 1, D]``: one value per source, the same at every position.
+    Takes one batch (``input_ids, attention_mask``) or an iterable of ``(input_ids, attention_mask)``
+    batches. Shape ``[n_src, 1, 1, D]``: one value per source, the same at every position.
     """
-    attention_mask = check_batch(model, input_ids, attention_mask)
-    outputs = source_outputs(model, input_ids, attention_mask)
-    weights = attention_mask.to(outputs.dtype)[None, :, :, None]
-    return ((outputs * weights).sum((1, 2)) / weights.sum((1, 2)))[:, None, None, :]
+    if isinstance(batches, torch.Tensor):
+        batches = [(batches, attention_mask)]
+    total, count = None, 0
+    for input_ids, mask in batches:
+        mask = check_batch(model, input_ids, mask)
+        outputs = source_outputs(model, input_ids, mask)
+        summed = (outputs * mask.to(outputs.dtype)[None, :, :, None]).sum((1, 2))
+        total = summed if total is None else total + summed
+        count += int(mask.sum())
+    return (total / count)[:, None, None, :]
 
 
 def _first(input_ids: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import patching_values, source_outputs
+from ..engine import mean_values, patching_values
 from ..model import Model
 from ..task import Task, TokenizedTask, metric_values
 
@@ -35,25 +35,15 @@ def check_positive(what: str, value) -> None:
 def batches(model: Model, task: Task, ablation: str, batch_size: int, progress: bool = False) -> Iterator[Batch]:
     """The task in batches with their ablation values; patching values are computed one batch at a time."""
     tokenized = task.tokenize(model.tokenizer).to(model.device)
-    mean = task_mean(model, tokenized, batch_size) if ablation == "mean" else None
+    mean = None
+    if ablation == "mean":  # over the whole task's clean prompts, not per batch
+        mean = mean_values(model, ((t.clean_ids, t.attention_mask) for t in tokenized.batches(batch_size)))
     for tokens in tqdm(list(tokenized.batches(batch_size)), desc="batches", disable=not progress, leave=False):
         if ablation == "patching":
             patch = patching_values(model, tokens.attention_mask, tokens.corrupted_ids, tokens.attention_mask)
         else:
             patch = mean
         yield Batch(tokens, patch, len(tokenized))
-
-
-def task_mean(model: Model, tokenized: TokenizedTask, batch_size: int) -> torch.Tensor:
-    """Each source's output averaged over all clean prompts and their real positions, ``[n_src, 1, 1, D]``."""
-    total, count = None, 0
-    for tokens in tokenized.batches(batch_size):
-        outputs = source_outputs(model, tokens.clean_ids, tokens.attention_mask)
-        weights = tokens.attention_mask.to(outputs.dtype)[None, :, :, None]
-        summed = (outputs * weights).sum((1, 2))
-        total = summed if total is None else total + summed
-        count += int(tokens.attention_mask.sum())
-    return (total / count)[:, None, None, :]
 
 
 def metric_sum(task: Task, logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor) -> torch.Tensor:
