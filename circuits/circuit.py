@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,7 @@ class Scores:
         """The names of the ``n`` best-scoring edges (by |score| unless ``absolute=False``)."""
         if self.level != "edge":
             raise ValueError("top_edges needs edge-level scores")
-        values = self.values()
-        order = torch.argsort(values.abs() if absolute else values, descending=True, stable=True)
-        return [self.graph.edges[i] for i in order[:n].tolist()]
+        return [self.graph.edges[i] for i in ranking(self, absolute)[:n].tolist()]
 
     def top_n(self, n: int, absolute: bool = True) -> Circuit:
         """The ``n`` best edges (by |score| unless ``absolute=False``), then pruned."""
@@ -228,12 +227,17 @@ def select(scores: Scores, mask: torch.Tensor, how: str) -> Circuit:
     return after
 
 
+def ranking(scores: Scores, absolute: bool = True) -> torch.Tensor:
+    """Positions in ``graph.edges`` order, best first (by |score| unless ``absolute=False``; ties keep order)."""
+    values = scores.values()
+    return torch.argsort(values.abs() if absolute else values, descending=True, stable=True)
+
+
 def top_n_mask(scores: Scores, n: int, absolute: bool = True) -> torch.Tensor:
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative number of edges, got {n!r}")
     graph = scores.graph
-    values = scores.values()
-    order = torch.argsort(values.abs() if absolute else values, descending=True, stable=True)[:n]
+    order = ranking(scores, absolute)[:n]
     mask = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
     rows, cols = graph.real.nonzero(as_tuple=True)
     mask[rows[order], cols[order]] = True
@@ -242,8 +246,6 @@ def top_n_mask(scores: Scores, n: int, absolute: bool = True) -> torch.Tensor:
 
 def greedy_mask(scores: Scores, n: int, absolute: bool = True) -> torch.Tensor:
     """Grow from ``logits`` backwards, always adding the best-scoring edge into the circuit's nodes."""
-    import heapq
-
     graph = scores.graph
     values = scores.tensor.nan_to_num(float("-inf") if not absolute else 0.0)
     key = values.abs() if absolute else values

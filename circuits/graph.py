@@ -100,6 +100,14 @@ class Graph:
         return [f"{self.sources[i]}->{self.destinations[j]}" for i, j in zip(rows.tolist(), cols.tolist(), strict=True)]
 
     @cached_property
+    def destination_layers(self) -> torch.Tensor:
+        """Per destination, the layer that reads it (``n_layers`` for ``logits``)."""
+        layers = torch.full((self.n_dst,), self.n_layers, dtype=torch.long)
+        for slots in self.layers:
+            layers[slots.attention_destinations.start : slots.mlp_destination + 1] = slots.layer
+        return layers
+
+    @cached_property
     def feeds(self) -> torch.Tensor:
         """Boolean ``[n_dst, n_src]``: destination j is an input of source node s.
 

@@ -20,10 +20,7 @@ from .common import batches, metric_sum
 
 def destination_layer(graph: Graph, destination: int) -> int:
     """The layer whose computation reads ``destination`` (``n_layers`` for the logits)."""
-    for slots in graph.layers:
-        if destination <= slots.mlp_destination:
-            return slots.layer
-    return graph.n_layers
+    return int(graph.destination_layers[destination])
 
 
 def first_reader_layer(graph: Graph, source: int) -> int:
@@ -38,7 +35,9 @@ def exact_scores(
     """Exact scores; up to ``max_tokens`` tokens (copies of a batch, one ablation each) per forward."""
     graph = model.graph
     if level == "edge":
-        units = [(destination_layer(graph, int(j)), (int(i), int(j))) for i, j in graph.real.nonzero()]
+        rows, cols = graph.real.nonzero(as_tuple=True)
+        layers = graph.destination_layers[cols].tolist()
+        units = [(layer, (i, j)) for layer, i, j in zip(layers, rows.tolist(), cols.tolist(), strict=True)]
     else:
         units = [(first_reader_layer(graph, i), (i, None)) for i in range(graph.n_src)]
     by_layer: dict[int, list[tuple[int, int | None]]] = {}
