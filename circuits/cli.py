@@ -1,0 +1,312 @@
+"""The `circuits` command: discover, evaluate and plot circuits; list tasks and models.
+
+    circuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --top-n 200 --out runs/ioi
+    circuits evaluate runs/ioi/circuit.json --task ioi
+    circuits plot runs/ioi/circuit.json -o fig.pdf
+    circuits tasks
+    circuits models
+
+Exit status: 0 on success, 2 on bad usage or bad input (one line on stderr, no traceback; set
+CIRCUITS_DEBUG=1 to see one), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .methods import ABLATIONS, METHODS
+from .pipeline import SELECTIONS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit status 2), not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("circuits: interrupted (files already written are complete)", file=sys.stderr)
+        return 130
+    except (ValueError, ImportError, OSError) as error:
+        if os.environ.get("CIRCUITS_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"circuits {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="circuits", description="Automated circuit discovery for transformer language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    discover = commands.add_parser("discover", help="score every edge, select a circuit, evaluate it, write a folder")
+    _model_options(discover)
+    _task_options(discover)
+    discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS, help="edge scoring method")
+    discover.add_argument("--ablation", default="patching", choices=ABLATIONS)
+    discover.add_argument("--top-n", type=_positive, default=200, help="circuit size in edges (before pruning)")
+    discover.add_argument("--select", default="signed", choices=SELECTIONS, help="how the top edges are chosen")
+    discover.add_argument("--acdc", action="store_true", help="refine the method's best candidates with ACDC")
+    discover.add_argument("--threshold", type=_non_negative, default=0.01, help="ACDC threshold (on KL)")
+    discover.add_argument("--candidates", type=_positive, default=500, help="edges ACDC starts from")
+    discover.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        choices=METHODS,
+        metavar="METHOD",
+        help="more methods whose faithfulness curves are drawn alongside",
+    )
+    discover.add_argument("--ig-steps", type=_positive, default=5)
+    discover.add_argument("--out", required=True, type=Path, help="output folder")
+    discover.set_defaults(run=run_discover)
+
+    evaluate = commands.add_parser("evaluate", help="faithfulness of a circuit file, and its curve when it has scores")
+    evaluate.add_argument("circuit", type=Path, help="circuit JSON file")
+    _model_options(evaluate, required=False)
+    _task_options(evaluate)
+    evaluate.add_argument("--ablation", choices=ABLATIONS, help="default: the circuit's own")
+    evaluate.add_argument("--out", type=Path, help="folder for evaluation.json and faithfulness.png")
+    evaluate.set_defaults(run=run_evaluate)
+
+    plot = commands.add_parser("plot", help="draw a circuit file (PNG, PDF or SVG by extension)")
+    plot.add_argument("circuit", type=Path, help="circuit JSON file")
+    plot.add_argument("-o", "--output", type=Path, required=True, help="figure file: .png, .pdf or .svg")
+    plot.add_argument("--title", help="figure title")
+    plot.set_defaults(run=run_plot)
+
+    commands.add_parser("tasks", help="the task catalogue, one line each").set_defaults(run=run_tasks)
+    commands.add_parser("models", help="bundled models and supported architectures").set_defaults(run=run_models)
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--model", required=required, default=None, help="bundled name (smollm2-135m), HF id or local directory"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--batch-size", type=_positive, default=32)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or phase messages")
+
+
+def _task_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help="a catalogue task (see `circuits tasks`)")
+    source.add_argument("--task-file", type=Path, help="your own task: JSONL with clean, corrupted, answers, ...")
+    parser.add_argument("--n", type=_positive, default=None, help="examples (catalogue default 64; file: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the catalogue task's examples")
+    parser.add_argument("--metric", default="logit_diff", choices=("logit_diff", "prob_diff", "kl"))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _log(args: argparse.Namespace):
+    return (lambda message: None) if args.quiet else (lambda message: print(f"[circuits] {message}", file=sys.stderr))
+
+
+def _load_model(args: argparse.Namespace, name: str):
+    from .model import load_model
+
+    device = args.device
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"unknown device {args.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {args.device!r} asked for, but CUDA is not available here")
+    if args.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    _log(args)(f"loading model {name}")
+    return load_model(name, device=device, dtype=DTYPES[args.dtype])
+
+
+def _read_task(args: argparse.Namespace):
+    """The task file's task, read before the (slow) model load so that its mistakes show at once; a catalogue
+    task's name is checked here too (its examples are drawn once the tokenizer is known)."""
+    from .task import Task
+
+    if args.task_file is None:
+        import tasks
+
+        if args.task not in tasks.available():
+            raise UsageError(f"unknown task {args.task!r}; available tasks: {', '.join(tasks.available())}")
+        return None
+    if not args.task_file.is_file():
+        raise UsageError(f"task file {args.task_file} does not exist")
+    task = Task.from_jsonl(args.task_file, metric=args.metric)
+    if args.n is not None:
+        if args.n > len(task):
+            raise UsageError(f"--n {args.n} asks for more examples than {args.task_file} holds ({len(task)})")
+        task = task.subset(args.n)
+    return task
+
+
+def _fit_task(args: argparse.Namespace, task, model):
+    """The catalogue task drawn for the model's tokenizer (or the file's task), tokenized: an example that cannot
+    be patched fails here, named, before any long work."""
+    if task is None:
+        import tasks
+
+        task = tasks.get(args.task, model.tokenizer, n=args.n or 64, seed=args.seed)
+        task.metric = args.metric
+    task.tokenize(model.tokenizer)
+    return task
+
+
+def run_discover(args: argparse.Namespace) -> int:
+    from .pipeline import discover
+
+    task = _read_task(args)
+    model = _load_model(args, args.model)
+    task = _fit_task(args, task, model)
+    summary = discover(
+        model,
+        task,
+        args.out,
+        method=args.method,
+        ablation=args.ablation,
+        top_n=args.top_n,
+        selection=args.select,
+        acdc_threshold=args.threshold if args.acdc else None,
+        candidates=args.candidates,
+        compare=args.compare,
+        batch_size=args.batch_size,
+        ig_steps=args.ig_steps,
+        progress=not args.quiet,
+        log=_log(args),
+    )
+    e, c = summary["evaluation"], summary["circuit"]
+    print(f"circuit: {c['edges']} edges, {c['nodes']} nodes; faithfulness {e['faithfulness']:.3f}")
+    for label, curve in summary["curves"].items():
+        print(f"{label}: CPR {curve['cpr']:.3f}, CMD {curve['cmd']:.3f}")
+    print(f"wrote {args.out}/: {', '.join(summary['files'])}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .circuit import Circuit
+    from .evaluate import evaluate, faithfulness_curve
+    from .io import atomic_write_text
+    from .pipeline import scores_from_circuit
+
+    task = _read_task(args)
+    circuit = Circuit.load(args.circuit)
+    name = args.model or circuit.meta.get("model")
+    if not name:
+        raise UsageError(f"{args.circuit} does not name its model; pass --model")
+    model = _load_model(args, name)
+    circuit = Circuit.load(args.circuit, model)
+    task = _fit_task(args, task, model)
+    ablation = args.ablation or circuit.meta.get("ablation", "patching")
+    log = _log(args)
+    log(f"evaluating {len(circuit)} edges on {task.name} ({len(task)} examples, {ablation} ablation)")
+    evaluation = evaluate(model, task, circuit, ablation, args.batch_size)
+    result = {
+        "circuit": str(args.circuit),
+        "model": model.name,
+        "task": task.name,
+        "n": len(task),
+        "ablation": ablation,
+        "edges": len(circuit),
+        "faithfulness": evaluation.faithfulness,
+        "metric_full": evaluation.full,
+        "metric_circuit": evaluation.circuit,
+        "metric_empty": evaluation.empty,
+        "accuracy_circuit": evaluation.accuracy,
+    }
+    print(
+        f"faithfulness {evaluation.faithfulness:.3f} (metric full {evaluation.full:.3f}, circuit "
+        f"{evaluation.circuit:.3f}, empty {evaluation.empty:.3f}); circuit accuracy {evaluation.accuracy:.3f}"
+    )
+    scores = scores_from_circuit(circuit)
+    curve = None
+    if scores is None:
+        print("no curve: the circuit file does not carry a score for every edge")
+    else:
+        log("faithfulness curve on the MIB grid")
+        curve = faithfulness_curve(model, task, scores, ablation=ablation, batch_size=args.batch_size)
+        result.update(cpr=curve.cpr, cmd=curve.cmd, curve=curve.frame.to_dict(orient="list"))
+        print(f"CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "evaluation.json", json.dumps(result, indent=1))
+        if curve is not None:
+            curve.plot(path=args.out / "faithfulness.png")
+        print(f"wrote {args.out}/")
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .circuit import Circuit
+
+    if args.output.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UsageError(f"cannot tell the figure format of {args.output}: use .png, .pdf or .svg")
+    circuit = Circuit.load(args.circuit)
+    circuit.plot(args.output, title=args.title)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    import tasks
+
+    catalogue = tasks.available()
+    width = max(map(len, catalogue))
+    for name, description in catalogue.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from .arch import supported_model_types
+    from .model import BUNDLED
+
+    for name, description in BUNDLED.items():
+        print(f"{name}  {description}")
+    print(f"any HF id or local directory of model type: {', '.join(supported_model_types())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Discovery end to end, as the `circuits` command and `make demo` run it: score, select, evaluate, write a folder.
+
+An output folder holds ``circuit.json`` (EAP-IG/MIB layout), ``scores.csv`` (every edge), ``circuit.png``
+and ``circuit.pdf``, ``faithfulness.png``, ``summary.json`` (settings, sizes, metric values, CPR/CMD,
+seconds per phase, versions) and ``summary.md``. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .circuit import Circuit, Scores, greedy_mask, select, top_n_mask
+from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve, masked_metrics
+from .export import versions
+from .io import atomic_write_text
+from .methods import acdc, attribute
+from .methods.common import check_choice, check_positive
+from .model import Model
+from .task import Task
+
+SELECTIONS = ("signed", "absolute", "greedy")
+FILES = ("circuit.json", "scores.csv", "circuit.png", "circuit.pdf", "faithfulness.png", "summary.json", "summary.md")
+
+
+class Phases:
+    """Wall time of each named phase, and a line to ``log`` as each one starts."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.seconds: dict[str, float] = {}
+        self.log = log
+
+    @contextmanager
+    def __call__(self, name: str, what: str):
+        self.log(what)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def orientation(model: Model, task: Task, ablation: str, batch_size: int) -> float:
+    """-1 when ablating everything lowers the metric (logit or probability difference), +1 when it raises it (KL).
+
+    Scores are metric(ablated) - metric(clean): multiplied by this, the edges that carry the task score highest.
+    """
+    frame, _, _ = masked_metrics(model, task, [], ablation, batch_size)
+    return -1.0 if frame["full"].mean() > frame["empty"].mean() else 1.0
+
+
+def select_circuit(scores: Scores, n: int, how: str, direction: float) -> Circuit:
+    """The ``n``-edge circuit by ``how``: ``signed`` (the edges whose ablation hurts the task most, the CPR
+    ordering), ``absolute`` (largest |score|) or ``greedy`` (grown from the logits by |score|); pruned."""
+    check_choice("selection", how, SELECTIONS)
+    check_positive("top_n", n)
+    if how == "signed":
+        oriented = Scores(scores.graph, scores.tensor * direction, meta=scores.meta)
+        return select(scores, top_n_mask(oriented, n, absolute=False), f"top_n({n}, signed)")
+    if how == "absolute":
+        return scores.top_n(n)
+    return select(scores, greedy_mask(scores, n), f"greedy({n})")
+
+
+def discover(
+    model: Model,
+    task: Task,
+    out: str | Path,
+    method: str = "eap-ig-inputs",
+    ablation: str = "patching",
+    top_n: int = 200,
+    selection: str = "signed",
+    acdc_threshold: float | None = None,
+    candidates: int = 500,
+    compare: Sequence[str] = (),
+    batch_size: int = 32,
+    ig_steps: int = 5,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Find ``task``'s circuit in ``model`` and write the output folder ``out``; returns the summary.
+
+    ``method`` scores every edge; the circuit is its ``top_n`` edges chosen by ``selection``, or, with
+    ``acdc_threshold``, ACDC run on the method's ``candidates`` best edges (by |score|). ``compare``
+    adds other attribution methods to the faithfulness figure and the summary's CPR/CMD.
+    """
+    check_choice("selection", selection, SELECTIONS)
+    check_positive("top_n", top_n)
+    check_positive("candidates", candidates)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    phases = Phases(log)
+    options = {"ablation": ablation, "batch_size": batch_size, "ig_steps": ig_steps, "progress": progress}
+    with phases("attribution", f"scoring {len(model.graph):,} edges with {method} ({len(task)} examples)"):
+        scores = attribute(model, task, method, **options)
+    with phases("selection", "selecting the circuit"):
+        direction = orientation(model, task, ablation, batch_size)
+        if acdc_threshold is None:
+            circuit = select_circuit(scores, top_n, selection, direction)
+        else:
+            pool = scores.top_edges(min(candidates, len(model.graph)))
+            found = acdc(
+                model,
+                task,
+                acdc_threshold,
+                ablation=ablation,
+                candidates=pool,
+                progress=progress,
+                batch_size=batch_size,
+            )
+            circuit = Circuit(model.graph, found.mask, scores=scores.tensor, meta=found.meta)
+            circuit.meta.update({"method": f"acdc on {method} candidates", "candidates": len(pool)})
+    circuit.meta.update({"model": model.name, "task": task.name, "ablation": ablation})
+    with phases("evaluation", f"evaluating the {len(circuit)}-edge circuit"):
+        evaluation = evaluate(model, task, circuit, ablation, batch_size)
+    curves = []
+    for name in (method, *[m for m in compare if m != method]):
+        other = scores if name == method else None
+        if other is None:
+            with phases(f"attribution ({name})", f"scoring with {name} for comparison"):
+                other = attribute(model, task, name, **options)
+        with phases(f"curve ({name})", f"faithfulness curve of {name}"):
+            curves.append(faithfulness_curve(model, task, other, ablation=ablation, batch_size=batch_size))
+    with phases("writing", f"writing {out}"):
+        title = f"{model.name} {task.name}: {circuit.meta['method']}"
+        circuit.save(out / "circuit.json")
+        atomic_write_text(out / "scores.csv", scores.to_frame().to_csv(index=False))
+        circuit.plot(out / "circuit.png", title=title)
+        circuit.plot(out / "circuit.pdf", title=title)
+        curves[0].plot(path=out / "faithfulness.png", others=curves[1:])
+    summary = _summary(model, task, scores, circuit, evaluation, curves, phases.seconds, selection, acdc_threshold)
+    write_summary(out, summary)
+    return summary
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.md", summary_markdown(summary))
+
+
+def _summary(
+    model: Model,
+    task: Task,
+    scores: Scores,
+    circuit: Circuit,
+    evaluation: Evaluation,
+    curves: list[Curve],
+    seconds: dict[str, float],
+    selection: str,
+    acdc_threshold: float | None,
+) -> dict[str, Any]:
+    graph = model.graph
+    how = {"selection": selection} if acdc_threshold is None else {"acdc_threshold": acdc_threshold}
+    return {
+        "model": model.name,
+        "task": task.name,
+        "n": len(task),
+        "metric": task.metric if isinstance(task.metric, str) else "custom",
+        "method": scores.meta["method"],
+        "ablation": scores.meta["ablation"],
+        **how,
+        "graph": {"edges": len(graph), "nodes": graph.n_src + 1},
+        "circuit": {
+            "edges": len(circuit),
+            "nodes": len(circuit.nodes),
+            **circuit.meta.get("selection", {}),
+            "top_edges": _top_edges(circuit, 10),
+        },
+        "evaluation": {
+            "faithfulness": evaluation.faithfulness,
+            "metric_full": evaluation.full,
+            "metric_circuit": evaluation.circuit,
+            "metric_empty": evaluation.empty,
+            "accuracy_circuit": evaluation.accuracy,
+        },
+        "curves": {
+            curve.label: {"cpr": curve.cpr, "cmd": curve.cmd, "curve": curve.frame.to_dict(orient="list")}
+            for curve in curves
+        },
+        "seconds": seconds,
+        "versions": versions(),
+        "files": list(FILES),
+    }
+
+
+def _top_edges(circuit: Circuit, n: int) -> list[dict[str, Any]]:
+    frame = circuit.to_frame()
+    if "score" not in frame or frame.empty:
+        return []
+    frame = frame.reindex(frame["score"].abs().sort_values(ascending=False).index).head(n)
+    return [{"edge": row.edge, "score": float(row.score)} for row in frame.itertuples()]
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary as a short Markdown report (settings, circuit, faithfulness, CPR/CMD, timings)."""
+    e, c = summary["evaluation"], summary["circuit"]
+    lines = [
+        f"# {summary['task']} on {summary['model']}",
+        "",
+        f"- method: {summary['method']}, ablation: {summary['ablation']}, metric: {summary['metric']}, "
+        f"examples: {summary['n']}",
+        f"- circuit: {c['edges']} edges, {c['nodes']} nodes (graph: {summary['graph']['edges']:,} edges)",
+        f"- faithfulness: {e['faithfulness']:.3f} (metric full {e['metric_full']:.3f}, circuit "
+        f"{e['metric_circuit']:.3f}, empty {e['metric_empty']:.3f}); circuit accuracy {e['accuracy_circuit']:.3f}",
+        "",
+        "| method | CPR (higher is better) | CMD (lower is better) |",
+        "|---|---|---|",
+        *[f"| {label} | {v['cpr']:.3f} | {v['cmd']:.3f} |" for label, v in summary["curves"].items()],
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+        *[f"| {phase} | {seconds:.1f} |" for phase, seconds in summary["seconds"].items()],
+        "",
+        "Top edges by |score|:",
+        "",
+        "| edge | score |",
+        "|---|---|",
+        *[f"| `{row['edge']}` | {row['score']:.4f} |" for row in c["top_edges"]],
+        "",
+        "![circuit](circuit.png)",
+        "",
+        "![faithfulness](faithfulness.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def scores_from_circuit(circuit: Circuit) -> Scores | None:
+    """The edge scores a circuit file carries, when it has one for every edge (needed for a curve)."""
+    if circuit.scores is None or bool(circuit.scores[circuit.graph.real].isnan().any()):
+        return None
+    return Scores(circuit.graph, circuit.scores, meta={"method": circuit.meta.get("method", "scores")})
+
+
+def frame_of(summary: dict[str, Any]) -> pd.DataFrame:
+    """One row of a results table from a summary."""
+    e, c = summary["evaluation"], summary["circuit"]
+    curve = summary["curves"].get(summary["method"], {})
+    return pd.DataFrame(
+        [
+            {
+                "task": summary["task"],
+                "method": summary["method"],
+                "edges": c["edges"],
+                "nodes": c["nodes"],
+                "faithfulness": e["faithfulness"],
+                "cpr": curve.get("cpr"),
+                "cmd": curve.get("cmd"),
+                "seconds": sum(summary["seconds"].values()),
+            }
+        ]
+    )

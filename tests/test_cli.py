@@ -1,0 +1,211 @@
+"""The `circuits` command end to end on a tiny model saved to disk (no tokenizer: tasks are token ids)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import circuits
+from circuits.cli import main
+from circuits.pipeline import FILES
+from circuits.tiny import tiny_hf
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_hf("llama").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def discovered(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "induction"
+    status = main(
+        ["discover", "--model", str(model_dir), "--task", "induction", "--n", "8", "--method", "eap",
+         "--compare", "eap-ig-inputs", "--top-n", "20", "--ig-steps", "2", "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    return status, out
+
+
+def error_lines(err: str) -> list[str]:
+    """What the command printed as errors: exactly one line is wanted, and never a traceback."""
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if "error:" in line]
+
+
+def id_task_file(path, rows: int = 6) -> str:
+    lines = [
+        json.dumps({"clean_ids": [5, 6, 7, 5, 6], "corrupted_ids": [9, 6, 7, 5, 6], "answer_ids": 7,
+                    "wrong_answer_ids": 9})
+        for _ in range(rows)
+    ]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_discover_exits_zero_and_writes_every_output_file(discovered):
+    status, out = discovered
+    assert status == 0
+    for name in FILES:
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_discover_summary_records_settings_sizes_metrics_and_timings(discovered):
+    _, out = discovered
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["task"], summary["method"], summary["ablation"], summary["n"]) == (
+        "induction",
+        "eap",
+        "patching",
+        8,
+    )
+    assert 0 < summary["circuit"]["edges"] <= 20
+    assert set(summary["curves"]) == {"eap", "eap-ig-inputs"}
+    assert all(seconds >= 0 for seconds in summary["seconds"].values())
+    assert "torch" in summary["versions"]
+    assert summary["evaluation"]["metric_full"] != summary["evaluation"]["metric_empty"]
+
+
+def test_discover_scores_csv_holds_every_edge(discovered, model_dir):
+    _, out = discovered
+    rows = (out / "scores.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(circuits.load_model(str(model_dir), device="cpu").graph)
+
+
+def test_discovered_circuit_file_loads_with_its_edges(discovered, model_dir):
+    _, out = discovered
+    circuit = circuits.Circuit.load(out / "circuit.json", circuits.load_model(str(model_dir), device="cpu"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(circuit) == summary["circuit"]["edges"]
+    assert circuit.meta["task"] == "induction"
+
+
+def test_evaluate_reports_the_faithfulness_discover_measured(discovered, tmp_path, capsys):
+    _, out = discovered
+    status = main(["evaluate", str(out / "circuit.json"), "--task", "induction", "--n", "8", "--out", str(tmp_path),
+                   "--quiet"])  # fmt: skip
+    assert status == 0
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert result["faithfulness"] == pytest.approx(summary["evaluation"]["faithfulness"], abs=1e-5)
+    assert result["cpr"] == pytest.approx(summary["curves"]["eap"]["cpr"], abs=1e-5)
+    assert (tmp_path / "faithfulness.png").stat().st_size > 0
+    assert "faithfulness" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".pdf", ".png", ".svg"])
+def test_plot_writes_the_figure_in_the_format_of_its_extension(discovered, tmp_path, suffix):
+    _, out = discovered
+    figure = tmp_path / f"fig{suffix}"
+    assert main(["plot", str(out / "circuit.json"), "-o", str(figure)]) == 0
+    head = figure.read_bytes()[:8]
+    assert {".pdf": b"%PDF", ".png": b"\x89PNG", ".svg": b"<?xml"}[suffix] in head or b"<svg" in head
+
+
+def test_discover_with_acdc_refines_the_candidates(model_dir, tmp_path):
+    out = tmp_path / "acdc"
+    status = main(["discover", "--model", str(model_dir), "--task", "induction", "--n", "8", "--method", "eap",
+                   "--acdc", "--threshold", "0.001", "--candidates", "40", "--out", str(out), "--quiet"])  # fmt: skip
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["acdc_threshold"] == 0.001
+    assert summary["circuit"]["edges"] <= 40
+    circuit = json.loads((out / "circuit.json").read_text())
+    assert circuit["meta"]["method"] == "acdc on eap candidates"
+
+
+def test_discover_runs_a_users_task_file(model_dir, tmp_path):
+    out = tmp_path / "own"
+    task_file = id_task_file(tmp_path / "mine.jsonl")
+    status = main(["discover", "--model", str(model_dir), "--task-file", task_file, "--method", "eap", "--top-n", "10",
+                   "--out", str(out), "--quiet"])  # fmt: skip
+    assert status == 0
+    assert json.loads((out / "summary.json").read_text())["task"] == "mine"
+
+
+def test_unknown_task_exits_2_naming_it(model_dir, tmp_path, capsys):
+    status = main(["discover", "--model", str(model_dir), "--task", "nonesuch", "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2
+    (line,) = error_lines(err)
+    assert "unknown task 'nonesuch'" in line
+
+
+def test_unknown_model_exits_2_naming_it(tmp_path, capsys):
+    status = main(["discover", "--model", str(tmp_path / "no-model"), "--task", "ioi", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 2
+    (line,) = error_lines(err)
+    assert "no-model" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_task_file_exits_2_naming_the_line(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"clean_ids": [1, 2], "corrupted_ids": [1, 3], "answer_ids": 4, "wrong_answer_ids": 5}\n{oops\n')
+    status = main(["discover", "--model", str(model_dir), "--task-file", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 2
+    (line,) = error_lines(err)
+    assert "line 2" in line and "bad.jsonl" in line
+
+
+def test_task_file_example_that_cannot_be_patched_exits_2_naming_the_example(model_dir, tmp_path, capsys):
+    bad = tmp_path / "lengths.jsonl"
+    bad.write_text('{"clean_ids": [1, 2, 3], "corrupted_ids": [1, 3], "answer_ids": 4, "wrong_answer_ids": 5}\n')
+    status = main(["discover", "--model", str(model_dir), "--task-file", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 2
+    (line,) = error_lines(err)
+    assert "example 0" in line
+
+
+def test_missing_task_file_exits_2(model_dir, tmp_path, capsys):
+    status = main(["discover", "--model", str(model_dir), "--task-file", str(tmp_path / "nope.jsonl"),
+                   "--out", str(tmp_path / "o")])  # fmt: skip
+    assert status == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_bad_usage_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["discover", "--task", "ioi", "--top-n", "zero", "--model", "m", "--out", "o"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    (line,) = error_lines(err)
+    assert "--top-n" in line
+
+
+def test_plot_of_a_missing_circuit_file_exits_2(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "none.json"), "-o", str(tmp_path / "f.png")]) == 2
+    assert "none.json" in capsys.readouterr().err
+
+
+def test_plot_refuses_an_unknown_figure_format(discovered, tmp_path, capsys):
+    _, out = discovered
+    assert main(["plot", str(out / "circuit.json"), "-o", str(tmp_path / "f.bmp")]) == 2
+    assert "f.bmp" in capsys.readouterr().err
+
+
+def test_tasks_lists_the_catalogue_one_line_each(capsys):
+    import tasks
+
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(tasks.available())
+
+
+def test_models_lists_the_bundled_model_and_architectures(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "llama" in out and "gpt2" in out
+
+
+def test_python_dash_m_circuits_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "circuits", "tasks"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert "ioi" in result.stdout
