@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,15 +18,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The IOI circuit of the bundled SmolLM2 with EAP-IG, evaluated, with the curves of EAP vs EAP-IG: results/demo/
 demo: setup
-	$(PY) -m circuits.demo
+	$(VENV)/bin/circuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --compare eap \
+		--top-n 200 --n 64 --out results/demo
 
 test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check circuits tasks tests benchmarks
-	$(VENV)/bin/ruff format --check circuits tasks tests benchmarks
+	$(VENV)/bin/ruff check circuits tasks tests benchmarks results
+	$(VENV)/bin/ruff format --check circuits tasks tests benchmarks results
+
+# Reference runs of every catalogue task (resumable), the table in results/README.md
+results: setup
+	$(PY) results/run.py
 
 bench: setup
 	$(PY) benchmarks/forward.py

@@ -221,6 +221,7 @@ def run_discover(args: argparse.Namespace) -> int:
     for label, curve in summary["curves"].items():
         print(f"{label}: CPR {curve['cpr']:.3f}, CMD {curve['cmd']:.3f}")
     print(f"wrote {args.out}/: {', '.join(summary['files'])}")
+    print(f"figures: {args.out / 'circuit.png'}, {args.out / 'circuit.pdf'}, {args.out / 'faithfulness.png'}")
     return 0
 
 
