@@ -1,0 +1,30 @@
+"""The README's Python example runs as written (on the bundled SmolLM2)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_example() -> str:
+    section = README.read_text(encoding="utf-8").split("## Python: your own task in 15 lines", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_example_is_at_most_15_lines():
+    assert len(readme_example().strip().splitlines()) <= 15
+
+
+@pytest.mark.slow
+def test_readme_example_runs_and_writes_its_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_example(), str(README), "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].startswith("Baseline(")
+    assert -1.5 < float(printed[-1]) < 2.5  # a faithfulness value, not nan
+    assert (tmp_path / "capitals.json").stat().st_size > 0
+    assert (tmp_path / "capitals.pdf").read_bytes()[:4] == b"%PDF"
