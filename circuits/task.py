@@ -4,11 +4,16 @@ A task holds either text (tokenized with the model's tokenizer) or token ids
 (for models without a tokenizer). Tokenizing checks what patching needs: the
 two prompts of a pair have the same length, and every answer is one token.
 Errors name the example and show its text and tokens.
+
+Most tasks score one prediction position per example (the last token). A task
+built with ``Task.from_outputs`` scores several positions per example against
+known outputs (a compiled program's, say); its metric is averaged over them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -24,10 +29,12 @@ from .io import atomic_write_text
 if TYPE_CHECKING:
     from .model import Model
 
-METRICS = ("logit_diff", "prob_diff", "kl")
+METRICS = ("logit_diff", "prob_diff", "kl", "l2")
+REFERENCE_METRICS = ("kl", "l2")  # compare with the clean run's logits: no answers needed
 Metric = str | Callable[[torch.Tensor, "TokenizedTask"], torch.Tensor]
 TEXT_KEYS = ("clean", "corrupted", "answers", "wrong_answers")
 ID_KEYS = ("clean_ids", "corrupted_ids", "answer_ids", "wrong_answer_ids")
+OUTPUT_KEYS = ("clean_ids", "corrupted_ids", "outputs", "positions")
 
 
 @dataclass
@@ -37,12 +44,17 @@ class TokenizedTask:
     clean_ids: torch.Tensor  # [N, T]
     corrupted_ids: torch.Tensor  # [N, T]
     attention_mask: torch.Tensor  # [N, T]
-    positions: torch.Tensor  # [N] the prediction position: each prompt's last token
+    positions: torch.Tensor | None  # [N] the prediction position (each prompt's last token); None: output_mask
     answer_ids: torch.Tensor  # [N, A]
     answer_mask: torch.Tensor  # [N, A] bool
     wrong_ids: torch.Tensor  # [N, W]
     wrong_mask: torch.Tensor  # [N, W] bool
     start: int = 0  # index of the first example in the whole task
+    # Tasks scored at several positions (Task.from_outputs); the model then returns logits at every position.
+    output_mask: torch.Tensor | None = None  # [N, T] bool: the scored positions
+    targets: torch.Tensor | None = None  # [N, T] float: the expected output id, or value (numeric), per position
+    numeric: bool = False  # targets are values of output unit 0, not output ids
+    tolerance: float = 0.0  # a numeric output is correct within this distance of its target
 
     def __len__(self) -> int:
         return len(self.clean_ids)
@@ -56,16 +68,21 @@ class TokenizedTask:
 
     def __getitem__(self, rows: slice) -> TokenizedTask:
         length = int(self.attention_mask[rows].sum(1).max())
+        per_position = self.output_mask is not None
         return TokenizedTask(
             self.clean_ids[rows, :length],
             self.corrupted_ids[rows, :length],
             self.attention_mask[rows, :length],
-            self.positions[rows],
+            None if self.positions is None else self.positions[rows],
             self.answer_ids[rows],
             self.answer_mask[rows],
             self.wrong_ids[rows],
             self.wrong_mask[rows],
             self.start + (rows.start or 0),
+            self.output_mask[rows, :length] if per_position else None,
+            self.targets[rows, :length] if per_position else None,
+            self.numeric,
+            self.tolerance,
         )
 
     def to(self, device: torch.device | str) -> TokenizedTask:
@@ -78,15 +95,29 @@ def metric_values(
 ) -> torch.Tensor:
     """The metric per example, from logits ``[B, V]`` at the prediction positions.
 
-    ``kl`` is KL(clean model || this run) and needs the clean run's logits.
+    ``kl`` is KL(clean model || this run) and ``l2`` the mean squared difference of the logits from the
+    clean run's (the ACDC paper's metric for its tracr tasks); both need the clean run's logits. For a
+    task scored at several positions (``batch.output_mask``) the logits are ``[B, T, V]`` and the
+    metric is averaged over the scored positions (a callable metric gets the ``[B, T, V]`` logits).
     """
     if callable(metric):
         return _custom_metric(metric, logits, batch)
-    if metric == "kl":
+    if metric in REFERENCE_METRICS:
         if clean_logits is None:
-            raise ValueError("the kl metric needs the clean run's logits")
-        clean = F.log_softmax(clean_logits.float(), -1)
-        return (clean.exp() * (clean - F.log_softmax(logits.float(), -1))).sum(-1)
+            raise ValueError(f"the {metric} metric needs the clean run's logits")
+        if metric == "kl":
+            clean = F.log_softmax(clean_logits.float(), -1)
+            values = (clean.exp() * (clean - F.log_softmax(logits.float(), -1))).sum(-1)
+        else:
+            values = (logits.float() - clean_logits.float()).pow(2).mean(-1)
+        if batch.output_mask is None:
+            return values
+        weights = batch.output_mask.to(values.dtype)
+        return (values * weights).sum(1) / weights.sum(1)
+    if batch.output_mask is not None:
+        raise ValueError(
+            f"metric {metric!r} needs answer tokens; a task scored against outputs takes kl, l2 or a callable"
+        )
     values = logits.float() if metric == "logit_diff" else F.softmax(logits.float(), -1)
     answer = (values.gather(1, batch.answer_ids) * batch.answer_mask).sum(1)
     wrong = (values.gather(1, batch.wrong_ids) * batch.wrong_mask).sum(1)
@@ -96,7 +127,17 @@ def metric_values(
 
 
 def correct(logits: torch.Tensor, batch: TokenizedTask) -> torch.Tensor:
-    """Per example: does the best answer's logit beat the best wrong answer's?"""
+    """Per example: does the best answer's logit beat the best wrong answer's?
+
+    For a task scored against outputs: is every scored position's top output id its target (or, for
+    numeric outputs, output unit 0 within the task's tolerance of its target)?
+    """
+    if batch.output_mask is not None:
+        if batch.numeric:
+            right = (logits[..., 0].float() - batch.targets).abs() <= batch.tolerance
+        else:
+            right = logits.argmax(-1) == batch.targets.long()
+        return (right | ~batch.output_mask).all(1)
     lowest = torch.finfo(logits.dtype).min
     best_answer = logits.gather(1, batch.answer_ids).masked_fill(~batch.answer_mask, lowest).max(1).values
     best_wrong = logits.gather(1, batch.wrong_ids).masked_fill(~batch.wrong_mask, lowest).max(1).values
@@ -134,9 +175,12 @@ class Task:
 
     ``answers[i]`` and ``wrong_answers[i]`` are one string or a list of strings (a set:
     ``logit_diff`` then compares mean logits, ``prob_diff`` summed probabilities).
-    ``metric`` is ``"logit_diff"``, ``"prob_diff"``, ``"kl"`` or a callable
+    ``metric`` is ``"logit_diff"``, ``"prob_diff"``, ``"kl"``, ``"l2"`` or a callable
     ``(logits [B, V], TokenizedTask batch) -> [B]``.
     """
+
+    numeric = False  # tasks from from_outputs: are the outputs values rather than output ids?
+    tolerance = 0.0
 
     def __init__(
         self,
@@ -198,11 +242,103 @@ class Task:
         task._tokenized = {}
         return task
 
+    @classmethod
+    def from_outputs(
+        cls,
+        name: str,
+        clean_ids: Sequence[Sequence[int]],
+        corrupted_ids: Sequence[Sequence[int]],
+        outputs: Sequence[Sequence[int | float]],
+        positions: str | Sequence[Sequence[int]] = "all",
+        metric: Metric = "l2",
+        numeric: bool = False,
+        tolerance: float = 1e-3,
+    ) -> Task:
+        """A task scored at several positions per example against known outputs (e.g. a compiled program's).
+
+        ``positions``: ``"all"`` (every position of each prompt) or one list of positions per example;
+        ``outputs[i][k]`` is the expected output at example i's k-th scored position: an output id (the
+        model's top logit there should be it) or, with ``numeric=True``, the value of output unit 0
+        (correct within ``tolerance``). ``metric``: ``"l2"``, ``"kl"`` or a callable ``(logits [B, T, V],
+        batch) -> [B]`` (``batch.output_mask`` marks the scored positions); it is averaged over the
+        scored positions. The outputs decide accuracy (``correct``); the metric compares with the clean run.
+        """
+        task = cls.__new__(cls)
+        task.name = _check_name(name)
+        task.metric = _check_metric(metric)
+        if isinstance(metric, str) and metric not in REFERENCE_METRICS:
+            raise ValueError(
+                f"metric {metric!r} needs answer tokens; a task scored against outputs takes kl, l2 or a callable"
+            )
+        if not isinstance(numeric, bool):
+            raise ValueError(f"numeric must be True or False, got {numeric!r}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+            raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+        columns = dict(clean_ids=clean_ids, corrupted_ids=corrupted_ids)
+        _check_lengths(task.name, **columns, outputs=outputs)
+        if positions == "all":
+            positions = [list(range(len(ids))) if _is_id_list(ids) else [] for ids in clean_ids]
+        _check_lengths(task.name, clean_ids=clean_ids, positions=positions)
+        for i in range(len(clean_ids)):
+            for field, ids in columns.items():
+                if not _is_id_list(ids[i]):
+                    raise ValueError(f"example {i}: {field} must be a non-empty list of token ids, got {ids[i]!r}")
+            if len(clean_ids[i]) != len(corrupted_ids[i]):
+                raise ValueError(
+                    f"example {i}: the clean prompt has {len(clean_ids[i])} tokens but the corrupted prompt has "
+                    f"{len(corrupted_ids[i])}; the two prompts of a pair must have equal length"
+                )
+            _check_positions(positions[i], len(clean_ids[i]), f"example {i}")
+            _check_outputs(outputs[i], len(positions[i]), numeric, f"example {i}")
+        task.clean = task.corrupted = task.answers = task.wrong_answers = None
+        task.token_ids = {
+            "clean_ids": [[int(t) for t in ids] for ids in clean_ids],
+            "corrupted_ids": [[int(t) for t in ids] for ids in corrupted_ids],
+            "outputs": [[float(o) if numeric else int(o) for o in row] for row in outputs],
+            "positions": [[int(p) for p in row] for row in positions],
+        }
+        task.numeric, task.tolerance = numeric, float(tolerance)
+        task._tokenized = {}
+        return task
+
+    @property
+    def per_position(self) -> bool:
+        """Is the task scored at several positions per example (built with ``from_outputs``)?"""
+        return bool(self.token_ids) and "outputs" in self.token_ids
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as plain JSON-ready data (``Task.from_dict`` reads it back); the metric must be a name."""
+        if not isinstance(self.metric, str):
+            raise ValueError(f"task {self.name!r} has a callable metric, which cannot be written as data")
+        if self.per_position:
+            extra = {"numeric": self.numeric, "tolerance": self.tolerance}
+            return {"name": self.name, "metric": self.metric, **self.token_ids, **extra}
+        columns = self.token_ids if self.token_ids else {key: getattr(self, key) for key in TEXT_KEYS}
+        return {"name": self.name, "metric": self.metric, **columns}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Task:
+        """A task from ``Task.to_dict`` data: text, token ids, or outputs scored at several positions."""
+        if not isinstance(data, dict):
+            raise ValueError(f"task data must be a JSON object, got {type(data).__name__}")
+        keys = OUTPUT_KEYS if "outputs" in data else ID_KEYS if "clean_ids" in data else TEXT_KEYS
+        missing = [key for key in ("name", *keys) if key not in data]
+        if missing:
+            raise ValueError(f"task data lacks {', '.join(map(repr, missing))}")
+        columns = [data[key] for key in keys]
+        metric = data.get("metric", "l2" if keys is OUTPUT_KEYS else "logit_diff")
+        if keys is OUTPUT_KEYS:
+            options = {k: data[k] for k in ("numeric", "tolerance") if k in data}
+            return cls.from_outputs(data["name"], *columns, metric=metric, **options)
+        if keys is ID_KEYS:
+            return cls.from_token_ids(data["name"], *columns, metric=metric)
+        return cls(data["name"], *columns, metric=metric)
+
     def __len__(self) -> int:
         return len(self.token_ids["clean_ids"]) if self.token_ids else len(self.clean)
 
     def __repr__(self) -> str:
-        kind = "token ids" if self.token_ids else "text"
+        kind = "outputs at several positions" if self.per_position else "token ids" if self.token_ids else "text"
         metric = self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "custom")
         return f"Task({self.name!r}: {len(self)} examples, {kind}, metric {metric})"
 
@@ -211,7 +347,9 @@ class Task:
         """The task as tensors (cached per tokenizer). Token-id tasks need no tokenizer."""
         key = 0 if self.token_ids else id(tokenizer)
         if key not in self._tokenized:
-            if self.token_ids:
+            if self.per_position:
+                tokenized = _pack_outputs(**self.token_ids, numeric=self.numeric, tolerance=self.tolerance)
+            elif self.token_ids:
                 ids = self.token_ids
                 tokenized = _pack(ids["clean_ids"], ids["corrupted_ids"], ids["answer_ids"], ids["wrong_answer_ids"])
             else:
@@ -242,6 +380,9 @@ class Task:
     # --- subsets and files ------------------------------------------------------------
     def _select(self, indices: Sequence[int], name: str | None = None) -> Task:
         name = name or self.name
+        if self.per_position:
+            columns = [[self.token_ids[key][i] for i in indices] for key in OUTPUT_KEYS]
+            return Task.from_outputs(name, *columns, self.metric, self.numeric, self.tolerance)
         if self.token_ids:
             columns = {key: [values[i] for i in indices] for key, values in self.token_ids.items()}
             return Task.from_token_ids(name, *columns.values(), metric=self.metric)
@@ -267,8 +408,9 @@ class Task:
         return self._select(discovery, f"{self.name}-discovery"), self._select(test, f"{self.name}-test")
 
     def to_jsonl(self, path: str | Path) -> Path:
-        """One example a line: ``{"clean", "corrupted", "answers", "wrong_answers"}`` (``*_ids`` for id tasks)."""
-        keys = ID_KEYS if self.token_ids else TEXT_KEYS
+        """One example a line: ``{"clean", "corrupted", "answers", "wrong_answers"}`` (``*_ids`` for id tasks;
+        ``clean_ids``, ``corrupted_ids``, ``outputs``, ``positions`` for tasks scored at several positions)."""
+        keys = OUTPUT_KEYS if self.per_position else ID_KEYS if self.token_ids else TEXT_KEYS
         columns = [self.token_ids[k] for k in keys] if self.token_ids else [getattr(self, k) for k in keys]
         lines = [
             json.dumps(dict(zip(keys, row, strict=True)), ensure_ascii=False) for row in zip(*columns, strict=True)
@@ -295,17 +437,20 @@ class Task:
                 raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
             if "corrupt" in row and "corrupted" not in row:
                 row["corrupted"] = row.pop("corrupt")
-            keys = ID_KEYS if "clean_ids" in row else TEXT_KEYS
+            keys = OUTPUT_KEYS if "outputs" in row else ID_KEYS if "clean_ids" in row else TEXT_KEYS
             missing = [key for key in keys if key not in row]
             if missing:
                 raise ValueError(f"{path}, line {number}: missing {', '.join(map(repr, missing))}")
             if rows and rows[0][0] is not keys:
-                raise ValueError(f"{path}, line {number}: mixes text examples and token-id examples")
+                raise ValueError(f"{path}, line {number}: mixes kinds of examples (text, token ids, outputs)")
             rows.append((keys, [row[key] for key in keys]))
         if not rows:
             raise ValueError(f"task file {path} holds no examples")
         columns = [list(column) for column in zip(*(values for _, values in rows), strict=True)]
         name = name or path.stem
+        if rows[0][0] is OUTPUT_KEYS:  # values written as floats are numeric outputs
+            numeric = any(isinstance(value, float) for row in columns[2] if isinstance(row, list) for value in row)
+            return cls.from_outputs(name, *columns, metric="l2" if metric == "logit_diff" else metric, numeric=numeric)
         if rows[0][0] is ID_KEYS:
             return cls.from_token_ids(name, *columns, metric=metric)
         return cls(name, *columns, metric=metric)
@@ -391,6 +536,32 @@ def _answer_set(answer: Any, kind: type, what: str) -> list:
     return list(items)
 
 
+def _check_positions(positions: Any, length: int, what: str) -> None:
+    valid = (
+        isinstance(positions, Sequence)
+        and not isinstance(positions, (str, bytes))
+        and len(positions) > 0
+        and all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < length for p in positions)
+    )
+    if not valid or len(set(positions)) != len(positions):
+        raise ValueError(
+            f"{what}: positions must be a non-empty list of distinct positions in 0..{length - 1}, got {positions!r}"
+        )
+
+
+def _check_outputs(outputs: Any, count: int, numeric: bool, what: str) -> None:
+    if isinstance(outputs, (str, bytes)) or not isinstance(outputs, Sequence) or len(outputs) != count:
+        raise ValueError(f"{what}: outputs must be a list of {count} values (one per scored position), got {outputs!r}")
+    for value in outputs:
+        if numeric:
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not valid:
+            expected = "a finite number" if numeric else "an output id (an integer >= 0)"
+            raise ValueError(f"{what}: output {value!r} is not {expected}")
+
+
 def _plain(answers: Sequence) -> list:
     return [[int(a) for a in answer] if isinstance(answer, (list, tuple)) else int(answer) for answer in answers]
 
@@ -427,4 +598,19 @@ def _pack(clean_ids, corrupted_ids, answer_ids, wrong_ids) -> TokenizedTask:
     return TokenizedTask(clean, corrupted, attention.long(), positions, answers, answer_mask, wrong, wrong_mask)
 
 
-__all__ = ["METRICS", "Baseline", "Task", "TokenizedTask", "correct", "metric_values"]
+def _pack_outputs(clean_ids, corrupted_ids, outputs, positions, numeric: bool, tolerance: float) -> TokenizedTask:
+    clean, attention = _pad(clean_ids)
+    corrupted, _ = _pad(corrupted_ids)
+    output_mask = torch.zeros_like(attention)
+    targets = torch.zeros(attention.shape)
+    for i, (row, values) in enumerate(zip(positions, outputs, strict=True)):
+        output_mask[i, row] = True
+        targets[i, row] = torch.tensor(values, dtype=targets.dtype)
+    none = torch.zeros(len(clean), 0, dtype=torch.long)
+    empty = none.bool()
+    return TokenizedTask(
+        clean, corrupted, attention.long(), None, none, empty, none, empty, 0, output_mask, targets, numeric, tolerance
+    )
+
+
+__all__ = ["METRICS", "REFERENCE_METRICS", "Baseline", "Task", "TokenizedTask", "correct", "metric_values"]
