@@ -6,6 +6,8 @@
 Each run is `circuits discover` into results/<task>/<method>/ (circuit.json, scores.csv, figures,
 summary.json, summary.md); a run whose summary.json exists is skipped unless --force, so an
 interrupted job resumes. Then results/README.md gets the table task x method, built from the summaries.
+(No folder under results/ may be named like a package this script imports: the script's folder comes
+first on sys.path, so results/tasks/ would shadow the catalogue.)
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def readme(frame: pd.DataFrame) -> str:
         )
     lines += [
         "",
-        "Task baselines (clean and corrupted metric, accuracy): [tasks/baselines.csv](tasks/baselines.csv).",
+        "Task baselines (clean and corrupted metric, accuracy): [baselines.csv](baselines.csv).",
         "",
     ]
     return "\n".join(lines)

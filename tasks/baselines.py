@@ -1,6 +1,6 @@
 """How the bundled SmolLM2-135M does on every catalogue task: ``python -m tasks.baselines``.
 
-Writes ``results/tasks/baselines.csv`` (task, n, clean_metric, corrupted_metric, accuracy, chance,
+Writes ``results/baselines.csv`` (task, n, clean_metric, corrupted_metric, accuracy, chance,
 near_chance) and prints it. ``chance`` is the accuracy of random logits: per example, the chance that the
 best of the answers beats the best of the wrong answers, |answers| / (|answers| + |wrong answers|).
 A task is flagged near chance when its accuracy is within 0.1 of that.
@@ -18,7 +18,7 @@ import circuits
 import tasks
 from circuits.io import atomic_write_text
 
-OUTPUT = Path("results/tasks/baselines.csv")
+OUTPUT = Path("results/baselines.csv")
 NEAR_CHANCE = 0.1
 
 
