@@ -6,6 +6,7 @@ from .evaluate import MIB_FRACTIONS, Curve, Evaluation, evaluate, faithfulness_c
 from .graph import Graph
 from .methods import acdc, attribute
 from .model import Model, load_model
+from .native import NativeConfig, NativeTransformer
 from .task import Baseline, Task, TokenizedTask
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __all__ = [
     "attribute",
     "Graph",
     "Model",
+    "NativeConfig",
+    "NativeTransformer",
     "PatchedOutput",
     "PrefixCache",
     "load_model",

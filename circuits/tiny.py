@@ -80,3 +80,47 @@ def tiny_pair(batch: int = 4, seq: int = 9, seed: int = 1, lengths: list[int] | 
     clean[mask == 0] = 0
     corrupted[mask == 0] = 0
     return clean, corrupted, mask
+
+
+# --- native models (circuits.native), for the same invariants --------------------------------------
+
+NATIVE_CONFIGS = {
+    "native-attn-only": dict(d_mlp=0, n_positions=16, layer_norm=False, causal=True),
+    "native-mlp-ln": dict(d_mlp=48, n_positions=16, layer_norm=True, causal=True),
+    "native-bidirectional": dict(d_mlp=40, n_positions=16, layer_norm=False, causal=False, d_head=6),
+    "native-bidirectional-nopos": dict(
+        d_mlp=40, n_positions=0, layer_norm=False, causal=False, attn_scale=1.0, d_vocab_out=13
+    ),
+}
+NATIVE_ARCHITECTURES = sorted(NATIVE_CONFIGS)
+
+
+def tiny_native(name: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random ``NativeTransformer`` (3 layers, d_model 32, 4 heads, vocabulary ``VOCAB``).
+
+    Weights are scaled so that logits stay of order 1 without norms while attention is far
+    from uniform; every bias is non-zero.
+    """
+    from .native import NativeConfig, NativeTransformer
+
+    if name not in NATIVE_CONFIGS:
+        raise ValueError(f"unknown tiny native model {name!r}; choose from {', '.join(NATIVE_ARCHITECTURES)}")
+    options = dict(vocab_size=VOCAB, n_layers=3, d_model=32, n_heads=4, d_head=8) | NATIVE_CONFIGS[name]
+    config = NativeConfig(**options)
+    torch.manual_seed(seed)
+    model = NativeTransformer(config)
+    d, e, h = config.d_model, config.d_head, config.n_heads
+    query_key = (2 / d) ** 0.5 * (e**-0.25 if config.attn_scale == 1.0 else 1.0)  # scores of order 1-3
+    scales = {"W_Q": query_key, "W_K": query_key, "W_V": d**-0.5, "W_O": 0.5 * (e * h) ** -0.5, "W_U": d**-0.5}
+    scales |= {"W_in": d**-0.5, "W_out": 0.5 * max(config.d_mlp, 1) ** -0.5}
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.3)
+                module.bias.normal_(0.0, 0.1)
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0.0, 0.7)
+            else:
+                for key, parameter in module.named_parameters(recurse=False):
+                    parameter.normal_(0.0, scales[key] if key in scales else 0.1)  # biases: 0.1
+    return model.eval()

@@ -7,10 +7,13 @@ from torch import nn
 from .base import Adapter, Context
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
+from .native import NativeAdapter
 from .neox import NeoXAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    model_type: adapter for adapter in (GPT2Adapter, LlamaAdapter, NeoXAdapter) for model_type in adapter.model_types
+    model_type: adapter
+    for adapter in (GPT2Adapter, LlamaAdapter, NeoXAdapter, NativeAdapter)
+    for model_type in adapter.model_types
 }
 
 
