@@ -430,7 +430,7 @@ def test_ground_truth_directory_loads_model_task_and_edges(tmp_path):
     [
         (["a0.h1->a9.h0<k>"], "logit_diff", "unknown destination node 'a9.h0<k>'"),
         (["a1.h1->a0.h0<q>"], "logit_diff", "does not exist"),
-        (["a0.h1->a1.h0<k>"], "accuracy", "metric 'accuracy' is not one of"),
+        (["a0.h1->a1.h0<k>"], "accuracy", "task.json: unknown metric 'accuracy'"),
     ],
 )
 def test_bad_ground_truth_files_are_rejected(tmp_path, edges, metric, message):

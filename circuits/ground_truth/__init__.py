@@ -3,11 +3,9 @@
 Each model is a directory ``data/<name>/`` holding
 
 - ``config.json``, ``model.safetensors``: a ``circuits.native.NativeTransformer`` (its ``save``);
-- ``task.json``: ``{"name", "description", "metric", "clean_ids", "corrupted_ids", "answer_ids",
-  "wrong_answer_ids"}`` plus optional ``"vocab"`` (input token names, by id), ``"vocab_out"``
-  (output names, by logit index) and any other keys (kept in ``GroundTruth.info``). ``metric`` is
-  one of ``circuits.task.METRICS``; as for every ``circuits.Task``, the prediction is read at each
-  prompt's last token;
+- ``task.json``: the task as ``circuits.Task.to_dict`` writes it (token ids and answers, or
+  outputs scored at several positions), plus ``"description"``, optional ``"vocab"`` (input token
+  names, by id) and any other keys (``vocab_out``, ``bos``, ...: kept in ``GroundTruth.info``);
 - ``truth.json``: ``{"edges": [edge names, exactly as in model.graph.edges], "how": "the criterion
   that established them", "script": "the command that built the directory"}``.
 
@@ -27,13 +25,12 @@ import torch
 
 from ..model import Model
 from ..native import CONFIG_FILE, WEIGHTS_FILE, NativeTransformer
-from ..task import METRICS, Task
+from ..task import Task
 
 DATA = Path(__file__).resolve().parent / "data"
 TASK_FILE = "task.json"
 TRUTH_FILE = "truth.json"
 FILES = (CONFIG_FILE, WEIGHTS_FILE, TASK_FILE, TRUTH_FILE)
-TASK_KEYS = ("clean_ids", "corrupted_ids", "answer_ids", "wrong_answer_ids")
 
 
 @dataclass
@@ -104,7 +101,7 @@ def load_directory(path: str | os.PathLike, device: str | torch.device = "cpu") 
             model.graph.index(edge)
         except ValueError as error:
             raise ValueError(f"{path / TRUTH_FILE}: {error}") from None
-    known = {"name", "description", "metric", "vocab", *TASK_KEYS}
+    known = {"description", "vocab", *task.to_dict()}
     return GroundTruth(
         name=path.name,
         description=str(task_data.get("description", "")),
@@ -119,15 +116,9 @@ def load_directory(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
 
 def task_from_json(data: dict[str, Any], where: str | os.PathLike = "task.json") -> Task:
-    """The ``circuits.Task`` of a ``task.json`` object."""
-    missing = [key for key in ("name", *TASK_KEYS) if key not in data]
-    if missing:
-        raise ValueError(f"{where}: missing {missing[0]!r}")
-    metric = data.get("metric", "logit_diff")
-    if metric not in METRICS:
-        raise ValueError(f"{where}: metric {metric!r} is not one of {', '.join(METRICS)}")
+    """The ``circuits.Task`` of a ``task.json`` object (``Task.from_dict``; extra keys are ignored)."""
     try:
-        return Task.from_token_ids(data["name"], *(data[key] for key in TASK_KEYS), metric=metric)
+        return Task.from_dict(data)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
 
@@ -136,10 +127,7 @@ def task_to_json(task: Task, description: str = "", **extra: Any) -> dict[str, A
     """The ``task.json`` object of a token-id ``circuits.Task`` (``extra``: vocab, vocab_out, ...)."""
     if not task.token_ids:
         raise ValueError(f"task {task.name!r} holds text; a ground-truth task needs token ids")
-    metric = task.metric if isinstance(task.metric, str) else None
-    if metric is None:
-        raise ValueError(f"task {task.name!r} has a callable metric; task.json stores one of {', '.join(METRICS)}")
-    return {"name": task.name, "description": description, "metric": metric, **task.token_ids, **extra}
+    return {**task.to_dict(), "description": description, **extra}
 
 
 def inert_sources(model: Model) -> set[str]:
