@@ -306,6 +306,11 @@ def run_models(args: argparse.Namespace) -> int:
     for name, description in BUNDLED.items():
         print(f"{name}  {description}")
     print(f"any HF id or local directory of model type: {', '.join(supported_model_types())}")
+    from . import ground_truth
+
+    names = ground_truth.available()
+    if names:
+        print(f"models with known circuits (Python: circuits.ground_truth.load(name)): {', '.join(names)}")
     return 0
 
 
