@@ -159,22 +159,63 @@ def faithfulness_curve(
     return Curve(curve, cpr, cmd, label or str(scores.meta.get("method", "")), meta)
 
 
-def roc_auc(scores: Scores | torch.Tensor, true_edges, absolute: bool = True) -> float:
+def roc_auc(scores: Scores | torch.Tensor, true_edges, absolute: bool = True, edges=None) -> float:
     """ROC AUC of edge scores (|score| unless ``absolute=False``) against a ground-truth edge set.
 
     Ties count one half (the Mann-Whitney statistic). ``true_edges``: names, a Circuit or a mask.
+    ``edges`` (names, a Circuit or a mask) restricts the edges ranked; default every edge of the graph.
     """
     if isinstance(scores, Scores):
         graph, values = scores.graph, scores.tensor
     else:
         raise ValueError("roc_auc needs circuits.Scores (edge level)")
-    truth = edge_mask_from(graph, true_edges)[graph.real]
-    ranked = (values.abs() if absolute else values)[graph.real].nan_to_num(float("-inf"))
+    universe = _universe(graph, edges)
+    truth = edge_mask_from(graph, true_edges)[universe]
+    ranked = (values.abs() if absolute else values)[universe].nan_to_num(float("-inf"))
     positives, negatives = int(truth.sum()), int((~truth).sum())
     if positives == 0 or negatives == 0:
         raise ValueError(f"ROC AUC needs both true and false edges; got {positives} true of {len(truth)}")
     ranks = pd.Series(ranked.numpy()).rank(method="average").to_numpy()
     return float((ranks[truth.numpy()].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def roc_points(circuits: Sequence[Circuit], true_edges, edges=None) -> pd.DataFrame:
+    """One (false positive rate, true positive rate) point per circuit against a ground-truth edge set."""
+    if not circuits:
+        raise ValueError("roc_points needs at least one circuit")
+    graph = circuits[0].graph
+    universe = _universe(graph, edges)
+    truth = edge_mask_from(graph, true_edges) & universe
+    positives, negatives = int(truth.sum()), int((universe & ~truth).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError(f"a ROC needs both true and false edges; got {positives} true of {positives + negatives}")
+    rows = []
+    for circuit in circuits:
+        kept = circuit.mask & universe
+        rows.append(
+            {
+                "fpr": int((kept & ~truth).sum()) / negatives,
+                "tpr": int((kept & truth).sum()) / positives,
+                "edges": int(kept.sum()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def roc_auc_of_circuits(circuits: Sequence[Circuit], true_edges, edges=None) -> float:
+    """ROC AUC of a family of circuits (ACDC over a sweep of thresholds, say), formed as the ACDC paper does.
+
+    Each circuit is one point of ``roc_points``; with (0, 0) and (1, 1) added and the points sorted by
+    false positive rate (then true positive rate), the area under the polyline (trapezoid rule) is the AUC.
+    """
+    points = roc_points(circuits, true_edges, edges)
+    curve = pd.concat([pd.DataFrame({"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]}), points[["fpr", "tpr"]]])
+    curve = curve.sort_values(["fpr", "tpr"])
+    return area(curve.fpr.to_numpy(), curve.tpr.to_numpy())
+
+
+def _universe(graph, edges) -> torch.Tensor:
+    return graph.real.clone() if edges is None else edge_mask_from(graph, edges) & graph.real
 
 
 def overlap(a: Circuit, b: Circuit) -> dict[str, float]:
