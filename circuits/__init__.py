@@ -4,6 +4,7 @@ from .circuit import Circuit, Scores
 from .engine import PatchedOutput, PrefixCache, mean_values, patched_forward, patching_values, source_outputs
 from .evaluate import MIB_FRACTIONS, Curve, Evaluation, evaluate, faithfulness_curve, overlap, roc_auc
 from .graph import Graph
+from .ground_truth.tracr import from_tracr
 from .methods import acdc, attribute
 from .model import Model, load_model
 from .native import NativeConfig, NativeTransformer
@@ -17,6 +18,7 @@ __all__ = [
     "Evaluation",
     "evaluate",
     "faithfulness_curve",
+    "from_tracr",
     "overlap",
     "roc_auc",
     "Baseline",
