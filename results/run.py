@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pandas as pd
 import tasks
 from circuits.cli import main as circuits_main
 from circuits.io import atomic_write_text
+from circuits.pipeline import write_summary
 
 HERE = Path(__file__).resolve().parent
 MODEL = "smollm2-135m"
@@ -29,11 +31,13 @@ N = 32
 TOP_N = 200
 ACDC = {"threshold": 0.02, "candidates": 300}
 RUNS = {
-    "eap-ig-inputs": ["--method", "eap-ig-inputs", "--top-n", str(TOP_N)],
-    "eap": ["--method", "eap", "--top-n", str(TOP_N)],
+    "eap-ig-inputs": ["--method", "eap-ig-inputs", "--top-n", str(TOP_N), "--compare", "eap"],
     "acdc": ["--method", "eap", "--acdc", "--threshold", str(ACDC["threshold"]), "--candidates",
              str(ACDC["candidates"])],
 }  # fmt: skip
+
+
+COLUMNS = ["task", "method", "edges", "nodes", "faithfulness", "CPR", "CMD", "seconds", "load", "figures"]
 
 
 def run(task: str, name: str, force: bool) -> None:
@@ -43,9 +47,14 @@ def run(task: str, name: str, force: bool) -> None:
         return
     print(f"{task} / {name}", flush=True)
     argv = ["discover", "--model", MODEL, "--device", "cpu", "--task", task, "--n", str(N), *RUNS[name]]
+    load_before = os.getloadavg()[0]
     status = circuits_main([*argv, "--out", str(out)])
     if status != 0:
         sys.exit(f"circuits {' '.join(argv)} failed with status {status}")
+    # The seconds are only comparable on an otherwise idle machine: keep the load next to them.
+    summary = json.loads((out / "summary.json").read_text())
+    summary["load_average"] = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
+    write_summary(out, summary)
 
 
 def table() -> pd.DataFrame:
@@ -57,6 +66,12 @@ def table() -> pd.DataFrame:
         summary = json.loads((HERE / task / name / "summary.json").read_text())
         curve = summary["curves"].get(summary["method"]) if "acdc_threshold" not in summary else None
         folder = f"{task}/{name}"
+        if "eap" in summary["curves"] and name != "acdc":
+            eap = summary["curves"]["eap"]
+            rows.append(
+                {"task": task, "method": "eap (curve only)", "CPR": eap["cpr"], "CMD": eap["cmd"],
+                 "figures": f"[curve]({folder}/faithfulness.png)"}
+            )  # fmt: skip
         rows.append(
             {
                 "task": task,
@@ -67,11 +82,12 @@ def table() -> pd.DataFrame:
                 "CPR": curve["cpr"] if curve else None,
                 "CMD": curve["cmd"] if curve else None,
                 "seconds": sum(v for k, v in summary["seconds"].items() if not k.startswith("curve")),
+                "load": summary.get("load_average", {}).get("after"),
                 "figures": f"[circuit]({folder}/circuit.png), [curve]({folder}/faithfulness.png), "
                 f"[summary]({folder}/summary.md)",
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def readme(frame: pd.DataFrame) -> str:
@@ -86,20 +102,23 @@ def readme(frame: pd.DataFrame) -> str:
         "them). Each row is one `circuits discover` run; its folder holds circuit.json, scores.csv, the figures and",
         "summary.json/summary.md.",
         "",
-        f"- **eap-ig-inputs**, **eap**: the method's {TOP_N} edges whose scores say they carry the task (signed,",
-        "  the CPR ordering), pruned. CPR/CMD: the method's faithfulness curve on MIB's grid of circuit sizes.",
+        f"- **eap-ig-inputs**: the {TOP_N} edges whose scores say they carry the task (signed, the CPR ordering),",
+        "  pruned. CPR/CMD: the method's faithfulness curve on MIB's grid of circuit sizes.",
+        "- **eap (curve only)**: EAP's faithfulness curve from the same run (`--compare eap`), in the same figure.",
         f"- **ACDC (EAP candidates)**: ACDC (KL threshold {ACDC['threshold']}) on EAP's {ACDC['candidates']} best",
         "  edges by |score|; one circuit, so no curve.",
         "- faithfulness = (m(circuit) - m(empty)) / (m(full) - m(empty)); seconds: scoring, selection (ACDC runs",
-        "  there), evaluation and writing, without the curves.",
+        "  there), evaluation and writing, without the curves; load: the 1-minute load average when the run",
+        "  ended, on this 2-core machine (above 2, other jobs shared the CPU and the seconds are inflated).",
         "",
-        "| task | method | edges | nodes | faithfulness | CPR ↑ | CMD ↓ | seconds | figures |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | method | edges | nodes | faithfulness | CPR ↑ | CMD ↓ | seconds | load | figures |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in frame.itertuples():
         lines.append(
-            f"| {row.task} | {row.method} | {row.edges} | {row.nodes} | {cell(row.faithfulness)} | {cell(row.CPR)} "
-            f"| {cell(row.CMD)} | {cell(row.seconds, 0)} | {row.figures} |"
+            f"| {row.task} | {row.method} | {cell(row.edges, 0)} | {cell(row.nodes, 0)} | {cell(row.faithfulness)} "
+            f"| {cell(row.CPR)} "
+            f"| {cell(row.CMD)} | {cell(row.seconds, 0)} | {cell(row.load, 1)} | {row.figures} |"
         )
     lines += [
         "",
@@ -115,8 +134,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--force", action="store_true", help="rerun finished runs")
     args = parser.parse_args()
-    for task in args.tasks:
-        for name in args.methods:
+    for name in args.methods:  # every task's EAP-IG run first: ACDC takes longest
+        for task in args.tasks:
             run(task, name, args.force)
     frame = table()
     atomic_write_text(HERE / "README.md", readme(frame))
