@@ -263,6 +263,9 @@ class NativeTransformer(nn.Module):
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata={"format": "pt", "model_type": self.config.model_type})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
             os.replace(temporary, directory / WEIGHTS_FILE)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
