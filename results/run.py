@@ -120,6 +120,12 @@ def readme(frame: pd.DataFrame) -> str:
             f"| {cell(row.CPR)} "
             f"| {cell(row.CMD)} | {cell(row.seconds, 0)} | {cell(row.load, 1)} | {row.figures} |"
         )
+    done = {
+        (task, name) for task in tasks.available() for name in RUNS if (HERE / task / name / "summary.json").exists()
+    }
+    missing = [f"{task} / {name}" for task in tasks.available() for name in RUNS if (task, name) not in done]
+    if missing:
+        lines += ["", f"Not run yet (`make results` runs them): {', '.join(missing)}."]
     lines += [
         "",
         "Task baselines (clean and corrupted metric, accuracy): [baselines.csv](baselines.csv).",
