@@ -222,14 +222,7 @@ class Task:
         columns = dict(clean_ids=clean_ids, corrupted_ids=corrupted_ids)
         _check_lengths(task.name, **columns, answer_ids=answer_ids, wrong_answer_ids=wrong_answer_ids)
         for i in range(len(clean_ids)):
-            for field, ids in columns.items():
-                if not _is_id_list(ids[i]):
-                    raise ValueError(f"example {i}: {field} must be a non-empty list of token ids, got {ids[i]!r}")
-            if len(clean_ids[i]) != len(corrupted_ids[i]):
-                raise ValueError(
-                    f"example {i}: the clean prompt has {len(clean_ids[i])} tokens but the corrupted prompt has "
-                    f"{len(corrupted_ids[i])}; the two prompts of a pair must have equal length"
-                )
+            _check_id_pair(i, columns)
             _answer_set(answer_ids[i], int, f"example {i}: answer id")
             _answer_set(wrong_answer_ids[i], int, f"example {i}: wrong answer id")
         task.clean = task.corrupted = task.answers = task.wrong_answers = None
@@ -280,14 +273,7 @@ class Task:
             positions = [list(range(len(ids))) if _is_id_list(ids) else [] for ids in clean_ids]
         _check_lengths(task.name, clean_ids=clean_ids, positions=positions)
         for i in range(len(clean_ids)):
-            for field, ids in columns.items():
-                if not _is_id_list(ids[i]):
-                    raise ValueError(f"example {i}: {field} must be a non-empty list of token ids, got {ids[i]!r}")
-            if len(clean_ids[i]) != len(corrupted_ids[i]):
-                raise ValueError(
-                    f"example {i}: the clean prompt has {len(clean_ids[i])} tokens but the corrupted prompt has "
-                    f"{len(corrupted_ids[i])}; the two prompts of a pair must have equal length"
-                )
+            _check_id_pair(i, columns)
             _check_positions(positions[i], len(clean_ids[i]), f"example {i}")
             _check_outputs(outputs[i], len(positions[i]), numeric, f"example {i}")
         task.clean = task.corrupted = task.answers = task.wrong_answers = None
@@ -510,6 +496,19 @@ def _check_lengths(name: str, **columns: Sequence) -> None:
     for field, size in sizes.items():
         if size != sizes[first]:
             raise ValueError(f"task {name!r}: {first} has {sizes[first]} entries but {field} has {size}")
+
+
+def _check_id_pair(i: int, columns: dict[str, Sequence]) -> None:
+    """Example ``i``'s clean and corrupted prompts are token-id lists of the same length."""
+    for field, ids in columns.items():
+        if not _is_id_list(ids[i]):
+            raise ValueError(f"example {i}: {field} must be a non-empty list of token ids, got {ids[i]!r}")
+    clean, corrupted = columns["clean_ids"][i], columns["corrupted_ids"][i]
+    if len(clean) != len(corrupted):
+        raise ValueError(
+            f"example {i}: the clean prompt has {len(clean)} tokens but the corrupted prompt has "
+            f"{len(corrupted)}; the two prompts of a pair must have equal length"
+        )
 
 
 def _is_id_list(ids: Any) -> bool:
