@@ -220,8 +220,8 @@ def naive_acdc(model, task, threshold, candidates=None):
             *reversed(range(slots.attention_destinations.start, slots.attention_destinations.stop)),
         ]
     for destination in order:
-        name = graph.destinations[destination]
-        if name != "logits" and not kept[graph.source_index(name.split("<")[0])].any():
+        fed = graph.feeds[destination]  # the head or MLP it feeds; every query head of a key/value head's group
+        if fed.any() and not kept[fed].any():
             kept[:, destination] = False
             continue
         for source in reversed(kept[:, destination].nonzero().flatten().tolist()):
@@ -255,6 +255,13 @@ def test_acdc_with_candidates_equals_naive_acdc_on_them(task):
         mask[model.graph.index(edge)] = True
     assert torch.equal(circuit.mask, naive_acdc(model, task, 0.005, mask))
     assert set(circuit.edges) <= set(candidates)
+
+
+def test_acdc_reports_the_metric_of_the_circuit_it_returns(task):
+    # grouped-query attention: a key/value input stays in play while any query head of its group sends an edge
+    model = circuits.Model.from_hf(tiny_hf("qwen2"))
+    circuit = circuits.acdc(model, task, threshold=0.2, metric="logit_diff", progress=False)
+    assert circuit.meta["metric_value"] == pytest.approx(circuits.evaluate(model, task, circuit).circuit, abs=1e-4)
 
 
 def test_acdc_threshold_zero_keeps_every_edge_with_an_effect_and_a_huge_one_keeps_none(task):

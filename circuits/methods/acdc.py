@@ -7,8 +7,9 @@ The algorithm, exactly:
 2. Visit destinations in reverse topological order: ``logits``; then for each layer from the
    last down, its MLP input, then its attention inputs in reverse index order (v of the last
    key/value head first, q of head 0 last).
-3. A destination whose node (the head or MLP it feeds) has no remaining outgoing edge has all
-   its incoming edges removed without evaluation: nothing it computes reaches the logits.
+3. A destination none of whose nodes (the head or MLP it feeds; for a key/value input, every
+   query head of its group) has a remaining outgoing edge has all its incoming edges removed
+   without evaluation: nothing it computes reaches the logits.
 4. Otherwise, for each remaining incoming edge, sources in reverse forward order: remove it
    tentatively; if the metric moves by at most ``threshold`` (|new - current| <= threshold) the
    removal stands and ``current`` = new; else the edge is restored.
@@ -48,12 +49,10 @@ def destination_order(graph: Graph) -> list[int]:
     return order
 
 
-def destination_node(graph: Graph, destination: int) -> int | None:
-    """The source index of the node a destination feeds (None for the logits)."""
-    name = graph.destinations[destination]
-    if name == "logits":
-        return None
-    return graph.source_index(name.split("<")[0])
+def destination_nodes(graph: Graph, destination: int) -> list[int]:
+    """The source indices of the nodes a destination feeds: its head or MLP, every query head of
+    its group for a key/value input, none for the logits."""
+    return graph.feeds[destination].nonzero().flatten().tolist()
 
 
 def acdc(
@@ -104,9 +103,9 @@ def acdc(
     for position in range(state["next"], len(order)):
         destination = order[position]
         layer = destination_layer(graph, destination)
-        node = destination_node(graph, destination)
+        nodes = destination_nodes(graph, destination)
         incoming = kept[:, destination].nonzero().flatten().tolist()[::-1]
-        if node is not None and not kept[node].any():
+        if nodes and not kept[nodes].any():
             kept[:, destination] = False
             incoming = []
         for source in incoming:
