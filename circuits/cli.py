@@ -66,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--top-n", type=_positive, default=200, help="circuit size in edges (before pruning)")
     discover.add_argument("--select", default="signed", choices=SELECTIONS, help="how the top edges are chosen")
     discover.add_argument("--acdc", action="store_true", help="refine the method's best candidates with ACDC")
-    discover.add_argument("--threshold", type=_non_negative, default=0.01, help="ACDC threshold (on KL)")
-    discover.add_argument("--candidates", type=_positive, default=500, help="edges ACDC starts from")
+    discover.add_argument("--threshold", type=_non_negative, default=0.01, help="ACDC threshold on --acdc-metric")
+    discover.add_argument(
+        "--acdc-metric", default="kl", choices=("kl", "logit_diff", "prob_diff"), help="what ACDC's threshold bounds"
+    )
+    discover.add_argument(
+        "--candidates", type=_positive, default=500, help="edges ACDC starts from (the method's best, by --select)"
+    )
     discover.add_argument(
         "--compare",
         nargs="*",
@@ -210,6 +215,7 @@ def run_discover(args: argparse.Namespace) -> int:
         selection=args.select,
         acdc_threshold=args.threshold if args.acdc else None,
         candidates=args.candidates,
+        acdc_metric=args.acdc_metric,
         compare=args.compare,
         batch_size=args.batch_size,
         ig_steps=args.ig_steps,

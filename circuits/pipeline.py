@@ -76,6 +76,7 @@ def discover(
     selection: str = "signed",
     acdc_threshold: float | None = None,
     candidates: int = 500,
+    acdc_metric: str = "kl",
     compare: Sequence[str] = (),
     batch_size: int = 32,
     ig_steps: int = 5,
@@ -85,8 +86,9 @@ def discover(
     """Find ``task``'s circuit in ``model`` and write the output folder ``out``; returns the summary.
 
     ``method`` scores every edge; the circuit is its ``top_n`` edges chosen by ``selection``, or, with
-    ``acdc_threshold``, ACDC run on the method's ``candidates`` best edges (by |score|). ``compare``
-    adds other attribution methods to the faithfulness figure and the summary's CPR/CMD.
+    ``acdc_threshold``, ACDC (on ``acdc_metric``) run on the method's ``candidates`` best edges, chosen
+    by the same ``selection``. ``compare`` adds other attribution methods to the faithfulness figure and
+    the summary's CPR/CMD.
     """
     check_choice("selection", selection, SELECTIONS)
     check_positive("top_n", top_n)
@@ -104,11 +106,12 @@ def discover(
         if acdc_threshold is None:
             circuit = select_circuit(scores, top_n, selection, direction)
         else:
-            pool = scores.top_edges(min(candidates, len(model.graph)))
+            pool = select_circuit(scores, min(candidates, len(model.graph)), selection, direction)
             found = acdc(
                 model,
                 task,
                 acdc_threshold,
+                metric=acdc_metric,
                 ablation=ablation,
                 candidates=pool,
                 progress=progress,
@@ -134,7 +137,10 @@ def discover(
         circuit.plot(out / "circuit.png", title=title)
         circuit.plot(out / "circuit.pdf", title=title)
         curves[0].plot(path=out / "faithfulness.png", others=curves[1:])
-    summary = _summary(model, task, scores, circuit, evaluation, curves, phases.seconds, selection, acdc_threshold)
+    how = {"selection": selection}
+    if acdc_threshold is not None:
+        how.update({"acdc_threshold": acdc_threshold, "acdc_metric": acdc_metric, "candidates": len(pool)})
+    summary = _summary(model, task, scores, circuit, evaluation, curves, phases.seconds, how)
     write_summary(out, summary)
     return summary
 
@@ -152,11 +158,9 @@ def _summary(
     evaluation: Evaluation,
     curves: list[Curve],
     seconds: dict[str, float],
-    selection: str,
-    acdc_threshold: float | None,
+    how: dict[str, Any],
 ) -> dict[str, Any]:
     graph = model.graph
-    how = {"selection": selection} if acdc_threshold is None else {"acdc_threshold": acdc_threshold}
     return {
         "model": model.name,
         "task": task.name,

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 import circuits
+import tasks
 from circuits.cli import main
-from circuits.pipeline import FILES
+from circuits.pipeline import FILES, orientation, select_circuit
 from circuits.tiny import tiny_hf
 
 
@@ -116,6 +117,23 @@ def test_discover_with_acdc_refines_the_candidates(model_dir, tmp_path):
     assert summary["circuit"]["edges"] <= 40
     circuit = json.loads((out / "circuit.json").read_text())
     assert circuit["meta"]["method"] == "acdc on eap candidates"
+
+
+def test_discover_with_acdc_searches_the_signed_selection_of_candidates_on_the_chosen_metric(model_dir, tmp_path):
+    out = tmp_path / "acdc-signed"
+    status = main(["discover", "--model", str(model_dir), "--task", "induction", "--n", "8", "--method", "eap",
+                   "--acdc", "--threshold", "0", "--acdc-metric", "logit_diff", "--candidates", "30",
+                   "--out", str(out), "--quiet"])  # fmt: skip
+    assert status == 0
+    model = circuits.load_model(str(model_dir))
+    task = tasks.get("induction", model.tokenizer, n=8, seed=0)
+    scores = circuits.attribute(model, task, "eap", progress=False)
+    pool = select_circuit(scores, 30, "signed", orientation(model, task, "patching", 32))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["acdc_metric"], summary["candidates"], summary["selection"]) == ("logit_diff", len(pool), "signed")
+    found = json.loads((out / "circuit.json").read_text())
+    kept = {edge for edge, entry in found["edges"].items() if entry["in_graph"]}
+    assert kept and kept <= set(pool.edges)
 
 
 def test_discover_runs_a_users_task_file(model_dir, tmp_path):
