@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.axes import Axes
@@ -232,8 +233,11 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     handle, temporary = _temporary_file(path)
     try:
         with os.fdopen(handle, "wb") as stream:
-            # The temporary name's extension is not the format's, so the format is passed explicitly.
-            fig.savefig(stream, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
+            # The temporary name's extension is not the format's, so the format is passed explicitly;
+            # no creation date and fixed SVG ids, so that the same figure gives the same bytes on every run.
+            metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+            with matplotlib.rc_context({"svg.hashsalt": "circuits"}):
+                fig.savefig(stream, format=fmt, dpi=PNG_DPI, bbox_inches="tight", metadata=metadata)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

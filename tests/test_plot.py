@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import types
 
 import matplotlib
@@ -66,6 +67,15 @@ def test_plot_circuit_saves_each_format(graph, tmp_path, suffix, magic):
     assert isinstance(fig, Figure)
     assert path.read_bytes().startswith(magic)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
+def test_the_same_circuit_gives_the_same_file_bytes_on_every_save(graph, tmp_path, suffix):
+    first, second = tmp_path / f"first{suffix}", tmp_path / f"second{suffix}"
+    plot_circuit(make_circuit(graph), first)
+    time.sleep(1.1)  # a creation date in the file would differ by now
+    plot_circuit(make_circuit(graph), second)
+    assert first.read_bytes() == second.read_bytes()
 
 
 def test_svg_output_names_each_edge(graph, tmp_path):
