@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from .circuit import Circuit, Scores, greedy_mask, select, top_n_mask
+from .circuit import Circuit, Scores, greedy_mask, select
 from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve, masked_metrics
 from .export import versions
 from .io import atomic_write_text
@@ -59,8 +59,7 @@ def select_circuit(scores: Scores, n: int, how: str, direction: float) -> Circui
     check_choice("selection", how, SELECTIONS)
     check_positive("top_n", n)
     if how == "signed":
-        oriented = Scores(scores.graph, scores.tensor * direction, meta=scores.meta)
-        return select(scores, top_n_mask(oriented, n, absolute=False), f"top_n({n}, signed)")
+        return scores.most_helpful(n, direction)
     if how == "absolute":
         return scores.top_n(n)
     return select(scores, greedy_mask(scores, n), f"greedy({n})")

@@ -73,6 +73,39 @@ def test_top_n_picks_the_largest_absolute_or_signed_scores():
     assert circuits.circuit.top_n_mask(scores, 1, absolute=False)[graph.index("a0.h0->logits")]
 
 
+def two_path_scores(metric):
+    # ablating input->logits lowers the metric; ablating the path through m0 raises it
+    graph = circuits.Graph(1, 1)
+    values = torch.zeros(graph.n_src, graph.n_dst)
+    for edge, value in {"input->logits": -5.0, "input->m0": 4.0, "m0->logits": 3.0}.items():
+        values[graph.index(edge)] = value
+    return circuits.Scores(graph, values, meta={"metric": metric})
+
+
+@pytest.mark.parametrize(("metric", "edges"), [("logit_diff", ["input->logits"]), ("prob_diff", ["input->logits"]),
+                                               ("kl", ["input->m0", "m0->logits"]),
+                                               ("l2", ["input->m0", "m0->logits"])])  # fmt: skip
+def test_most_helpful_takes_the_edges_whose_ablation_hurts_the_metric_most(metric, edges):
+    circuit = two_path_scores(metric).most_helpful(len(edges))
+    assert circuit.edges == edges
+    assert circuit.meta["selection"]["how"] == f"most_helpful({len(edges)})"
+
+
+def test_most_helpful_keeps_the_original_signed_scores():
+    scores = two_path_scores("kl")
+    circuit = scores.most_helpful(2)
+    assert torch.equal(circuit.scores.nan_to_num(), scores.tensor.nan_to_num())
+
+
+def test_most_helpful_needs_a_direction_for_a_custom_metric():
+    scores = two_path_scores("custom")
+    with pytest.raises(ValueError, match="direction=-1 or \\+1 for the metric 'custom'"):
+        scores.most_helpful(1)
+    assert scores.most_helpful(1, direction=-1).edges == ["input->logits"]
+    with pytest.raises(ValueError, match="direction must be -1 or \\+1, got 0"):
+        scores.most_helpful(1, direction=0)
+
+
 def test_greedy_grows_backwards_from_the_logits():
     graph = circuits.Graph(2, 1)
     values = torch.zeros(graph.n_src, graph.n_dst)
