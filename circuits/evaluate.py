@@ -139,8 +139,7 @@ def faithfulness_curve(
     # A score is metric(ablated) - metric(clean): when ablating lowers the metric (logit or probability
     # difference), the edges that carry the task have the most negative scores; for kl, the most positive.
     direction = -1.0 if full > empty else 1.0
-    oriented = Scores(graph, scores.tensor * direction, meta=scores.meta)
-    signed = [prune(graph, top_n_mask(oriented, n, absolute=False)) for n in sizes]
+    signed = [scores.most_helpful(n, direction).mask for n in sizes]
     absolute = [prune(graph, top_n_mask(scores, n, absolute=True)) for n in sizes]
     _, values, _ = masked_metrics(model, task, signed + absolute, ablation, batch_size)
     f = [faithfulness(float(v.mean()), full, empty) for v in values]
