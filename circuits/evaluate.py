@@ -117,6 +117,13 @@ def area(fractions: Sequence[float], values: Sequence[float]) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
 
 
+def helpful_direction(full: float, empty: float) -> float:
+    """-1 when ablating every edge lowers the metric (logit or probability difference), +1 when it raises
+    it (kl, l2). A score is metric(ablated) - metric(clean), so times this the edges carrying the task
+    score highest."""
+    return -1.0 if full > empty else 1.0
+
+
 def faithfulness_curve(
     model: Model,
     task: Task,
@@ -136,10 +143,7 @@ def faithfulness_curve(
     sizes = [max(1, round(f * total)) for f in fractions]
     frame, _, _ = masked_metrics(model, task, [], ablation, batch_size)
     full, empty = float(frame["full"].mean()), float(frame["empty"].mean())
-    # A score is metric(ablated) - metric(clean): when ablating lowers the metric (logit or probability
-    # difference), the edges that carry the task have the most negative scores; for kl, the most positive.
-    direction = -1.0 if full > empty else 1.0
-    signed = [scores.most_helpful(n, direction).mask for n in sizes]
+    signed = [scores.most_helpful(n, helpful_direction(full, empty)).mask for n in sizes]
     absolute = [prune(graph, top_n_mask(scores, n, absolute=True)) for n in sizes]
     _, values, _ = masked_metrics(model, task, signed + absolute, ablation, batch_size)
     f = [faithfulness(float(v.mean()), full, empty) for v in values]

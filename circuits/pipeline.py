@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from .circuit import Circuit, Scores, greedy_mask, select
-from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve, masked_metrics
+from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve, helpful_direction, masked_metrics
 from .export import versions
 from .io import atomic_write_text
 from .methods import acdc, attribute
@@ -45,12 +45,9 @@ class Phases:
 
 
 def orientation(model: Model, task: Task, ablation: str, batch_size: int) -> float:
-    """-1 when ablating everything lowers the metric (logit or probability difference), +1 when it raises it (KL).
-
-    Scores are metric(ablated) - metric(clean): multiplied by this, the edges that carry the task score highest.
-    """
+    """``helpful_direction`` of the task on the model: the sign that puts the task-carrying edges first."""
     frame, _, _ = masked_metrics(model, task, [], ablation, batch_size)
-    return -1.0 if frame["full"].mean() > frame["empty"].mean() else 1.0
+    return helpful_direction(float(frame["full"].mean()), float(frame["empty"].mean()))
 
 
 def select_circuit(scores: Scores, n: int, how: str, direction: float) -> Circuit:
