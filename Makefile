@@ -27,8 +27,8 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check circuits tasks tests benchmarks results/run.py results/ground_truth/run.py notebooks/run.py
-	$(VENV)/bin/ruff format --check circuits tasks tests benchmarks results/run.py results/ground_truth/run.py notebooks/run.py
+	$(VENV)/bin/ruff check circuits tasks tests benchmarks scripts results/run.py results/ground_truth/run.py notebooks/run.py
+	$(VENV)/bin/ruff format --check circuits tasks tests benchmarks scripts results/run.py results/ground_truth/run.py notebooks/run.py
 
 # Reference runs of every catalogue task (resumable), the table in results/README.md
 results: setup

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import circuits
-import tasks
+from circuits import tasks
 
 
 def tiny_four_layer_model() -> circuits.Model:

@@ -19,7 +19,7 @@ import torch
 from _measure import child_memory, peak_memory
 
 import circuits
-import tasks
+from circuits import tasks
 from circuits.task import metric_values
 
 GRADIENT_POINTS = {"eap": 1, "clean-corrupted": 2}  # forward/backwards per batch; IG methods use ig_steps

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import circuits
-from circuits.tiny import ARCHITECTURES, tiny_hf, tiny_pair
+from circuits.testing import ARCHITECTURES, tiny_hf, tiny_pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from oracle import Oracle  # noqa: E402  (the test suite's independent oracle)

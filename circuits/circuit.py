@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from . import export
+from .errors import CircuitsError
 from .graph import Graph
 from .task import REFERENCE_METRICS
 
@@ -24,7 +25,7 @@ class Scores:
     def __init__(self, graph: Graph, tensor: torch.Tensor, level: str = "edge", meta: dict[str, Any] | None = None):
         expected = (graph.n_src, graph.n_dst) if level == "edge" else (graph.n_src,)
         if level not in ("edge", "node") or tuple(tensor.shape) != expected:
-            raise ValueError(f"{level} scores need shape {list(expected)}, got {tuple(tensor.shape)}")
+            raise CircuitsError(f"{level} scores need shape {list(expected)}, got {tuple(tensor.shape)}")
         self.graph, self.level, self.meta = graph, level, dict(meta or {})
         self.tensor = tensor.detach().float().cpu()
         if level == "edge":
@@ -63,7 +64,7 @@ class Scores:
     def top_edges(self, n: int, absolute: bool = True) -> list[str]:
         """The names of the ``n`` best-scoring edges (by |score| unless ``absolute=False``)."""
         if self.level != "edge":
-            raise ValueError("top_edges needs edge-level scores")
+            raise CircuitsError("top_edges needs edge-level scores")
         return [self.graph.edges[i] for i in ranking(self, absolute)[:n].tolist()]
 
     def top_n(self, n: int, absolute: bool = True) -> Circuit:
@@ -81,13 +82,13 @@ class Scores:
         if direction is None:
             metric = self.meta.get("metric")
             if not isinstance(metric, str) or metric == "custom":
-                raise ValueError(
+                raise CircuitsError(
                     f"most_helpful needs direction=-1 or +1 for the metric {metric!r}: -1 when ablating edges "
                     "lowers it, +1 when it raises it"
                 )
             direction = 1.0 if metric in REFERENCE_METRICS else -1.0
         if direction not in (-1, 1):
-            raise ValueError(f"direction must be -1 or +1, got {direction!r}")
+            raise CircuitsError(f"direction must be -1 or +1, got {direction!r}")
         oriented = Scores(self.graph, self.tensor * direction, self.level, self.meta)
         return select(self._edge_level(), top_n_mask(oriented, n, absolute=False), f"most_helpful({n})")
 
@@ -104,7 +105,7 @@ class Scores:
 
     def _edge_level(self) -> Scores:
         if self.level != "edge":
-            raise ValueError("selecting a circuit needs edge-level scores")
+            raise CircuitsError("selecting a circuit needs edge-level scores")
         return self
 
     def __repr__(self) -> str:
@@ -117,7 +118,7 @@ class Circuit:
 
     def __init__(self, graph: Graph, mask: torch.Tensor, scores: torch.Tensor | None = None, meta: dict | None = None):
         if tuple(mask.shape) != (graph.n_src, graph.n_dst):
-            raise ValueError(f"circuit mask needs shape {[graph.n_src, graph.n_dst]}, got {tuple(mask.shape)}")
+            raise CircuitsError(f"circuit mask needs shape {[graph.n_src, graph.n_dst]}, got {tuple(mask.shape)}")
         self.graph, self.meta = graph, dict(meta or {})
         self.mask = mask.bool().cpu() & graph.real
         self.scores = None if scores is None else scores.detach().float().cpu()
@@ -189,10 +190,10 @@ def edge_mask_from(graph: Graph, edges: Any) -> torch.Tensor:
         return edges.mask.clone()
     if isinstance(edges, torch.Tensor):
         if tuple(edges.shape) != (graph.n_src, graph.n_dst):
-            raise ValueError(f"an edge mask needs shape {[graph.n_src, graph.n_dst]}, got {tuple(edges.shape)}")
+            raise CircuitsError(f"an edge mask needs shape {[graph.n_src, graph.n_dst]}, got {tuple(edges.shape)}")
         return edges.bool().cpu() & graph.real
     if isinstance(edges, str):
-        raise ValueError(f"expected a list of edge names, got the string {edges!r}")
+        raise CircuitsError(f"expected a list of edge names, got the string {edges!r}")
     mask = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
     for edge in edges:
         mask[graph.index(edge)] = True
@@ -257,7 +258,7 @@ def ranking(scores: Scores, absolute: bool = True) -> torch.Tensor:
 
 def top_n_mask(scores: Scores, n: int, absolute: bool = True) -> torch.Tensor:
     if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative number of edges, got {n!r}")
+        raise CircuitsError(f"n must be a non-negative number of edges, got {n!r}")
     graph = scores.graph
     order = ranking(scores, absolute)[:n]
     mask = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)

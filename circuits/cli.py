@@ -172,7 +172,7 @@ def _read_task(args: argparse.Namespace):
     from .task import Task
 
     if args.task_file is None:
-        import tasks
+        from circuits import tasks
 
         if args.task not in tasks.available():
             raise UsageError(f"unknown task {args.task!r}; available tasks: {', '.join(tasks.available())}")
@@ -191,7 +191,7 @@ def _fit_task(args: argparse.Namespace, task, model):
     """The catalogue task drawn for the model's tokenizer (or the file's task), tokenized: an example that cannot
     be patched fails here, named, before any long work."""
     if task is None:
-        import tasks
+        from circuits import tasks
 
         task = tasks.get(args.task, model.tokenizer, n=args.n or 64, seed=args.seed)
         task.metric = args.metric
@@ -296,7 +296,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
-    import tasks
+    from circuits import tasks
 
     catalogue = tasks.available()
     width = max(map(len, catalogue))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .arch import Context
+from .errors import CircuitsError
 from .graph import LayerSlots
 
 if TYPE_CHECKING:
@@ -388,7 +389,7 @@ def patching_values(
     """
     corrupted_attention_mask = check_batch(model, corrupted_ids, corrupted_attention_mask, what="corrupted")
     if clean_attention_mask.shape != corrupted_attention_mask.shape:
-        raise ValueError(
+        raise CircuitsError(
             f"clean batch has shape {tuple(clean_attention_mask.shape)} but corrupted batch has shape "
             f"{tuple(corrupted_attention_mask.shape)}; pairs must line up"
         )
@@ -397,7 +398,7 @@ def patching_values(
     mismatched = (clean_lengths != corrupted_lengths).nonzero().flatten().tolist()
     if mismatched:
         i = mismatched[0]
-        raise ValueError(
+        raise CircuitsError(
             f"example {i}: the clean prompt has {int(clean_lengths[i])} tokens but the corrupted prompt has "
             f"{int(corrupted_lengths[i])}; the two prompts of a pair must have equal length "
             f"({len(mismatched)} pair(s) differ)"
@@ -438,35 +439,35 @@ def check_batch(
     """Validate a right-padded batch; returns the attention mask (all ones if None)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"{what} ids must be a [batch, seq] tensor, got {shape}")
+        raise CircuitsError(f"{what} ids must be a [batch, seq] tensor, got {shape}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"empty batch: {what} ids have shape {tuple(input_ids.shape)}")
+        raise CircuitsError(f"empty batch: {what} ids have shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-        raise ValueError(f"{what} ids must be integer token ids, got dtype {input_ids.dtype}")
+        raise CircuitsError(f"{what} ids must be integer token ids, got dtype {input_ids.dtype}")
     if input_ids.device != model.device:
-        raise ValueError(f"{what} ids are on {input_ids.device} but the model is on {model.device}")
+        raise CircuitsError(f"{what} ids are on {input_ids.device} but the model is on {model.device}")
     vocab = model.adapter.embedding_rows()
     bad = ((input_ids < 0) | (input_ids >= vocab)).nonzero()
     if len(bad):
         b, t = bad[0].tolist()
-        raise ValueError(
+        raise CircuitsError(
             f"example {b}, position {t}: token id {int(input_ids[b, t])} is outside the vocabulary (0..{vocab - 1})"
         )
     if attention_mask is None:
         return torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(
+        raise CircuitsError(
             f"{what} attention mask has shape {tuple(attention_mask.shape)} "
             f"but the ids have shape {tuple(input_ids.shape)}"
         )
     if attention_mask.device != model.device:
-        raise ValueError(f"{what} attention mask is on {attention_mask.device} but the model is on {model.device}")
+        raise CircuitsError(f"{what} attention mask is on {attention_mask.device} but the model is on {model.device}")
     mask = attention_mask.bool()
     lengths = mask.sum(1)
     right_padded = mask == (torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None])
     for i in (~right_padded.all(1) | (lengths == 0)).nonzero().flatten().tolist()[:1]:
         problem = "is empty" if lengths[i] == 0 else "is not right-padded (ones, then zeros)"
-        raise ValueError(f"example {i}: the {what} attention mask {problem}: {attention_mask[i].tolist()}")
+        raise CircuitsError(f"example {i}: the {what} attention mask {problem}: {attention_mask[i].tolist()}")
     return attention_mask
 
 
@@ -476,20 +477,20 @@ def check_edge_mask(model: Model, edge_mask: torch.Tensor) -> torch.Tensor:
     expected = (graph.n_src, graph.n_dst)
     if not isinstance(edge_mask, torch.Tensor) or tuple(edge_mask.shape) != expected:
         shape = tuple(edge_mask.shape) if isinstance(edge_mask, torch.Tensor) else type(edge_mask).__name__
-        raise ValueError(f"edge mask has shape {shape}; this model's graph needs [n_src, n_dst] = {list(expected)}")
+        raise CircuitsError(f"edge mask has shape {shape}; this model's graph needs [n_src, n_dst] = {list(expected)}")
     if not edge_mask.is_floating_point():
-        raise ValueError(f"edge mask must be a float tensor (0 = ablated, 1 = kept), got dtype {edge_mask.dtype}")
+        raise CircuitsError(f"edge mask must be a float tensor (0 = ablated, 1 = kept), got dtype {edge_mask.dtype}")
     if edge_mask.device != model.device:
-        raise ValueError(f"edge mask is on {edge_mask.device} but the model is on {model.device}")
+        raise CircuitsError(f"edge mask is on {edge_mask.device} but the model is on {model.device}")
     return (1 - edge_mask).to(model.dtype)
 
 
 def check_embeddings(model: Model, embeddings: torch.Tensor, batch: int, seq: int) -> None:
     expected = (batch, seq, model.adapter.d_model)
     if tuple(embeddings.shape) != expected:
-        raise ValueError(f"input embeddings have shape {tuple(embeddings.shape)}; need {list(expected)}")
+        raise CircuitsError(f"input embeddings have shape {tuple(embeddings.shape)}; need {list(expected)}")
     if embeddings.dtype != model.dtype or embeddings.device != model.device:
-        raise ValueError(
+        raise CircuitsError(
             f"input embeddings are {embeddings.dtype} on {embeddings.device}; "
             f"the model is {model.dtype} on {model.device}"
         )
@@ -505,11 +506,11 @@ def check_patch(model: Model, patch: torch.Tensor, batch: int, seq: int) -> None
         or shape[2] not in (1, seq)
         or shape[3] != d_model
     ):
-        raise ValueError(
+        raise CircuitsError(
             f"ablation values have shape {shape}; need [n_src, batch or 1, seq or 1, d_model] = "
             f"[{n_src}, {batch}, {seq}, {d_model}]"
         )
     if patch.dtype != model.dtype:
-        raise ValueError(f"ablation values have dtype {patch.dtype} but the model runs in {model.dtype}")
+        raise CircuitsError(f"ablation values have dtype {patch.dtype} but the model runs in {model.dtype}")
     if patch.device != model.device:
-        raise ValueError(f"ablation values are on {patch.device} but the model is on {model.device}")
+        raise CircuitsError(f"ablation values are on {patch.device} but the model is on {model.device}")

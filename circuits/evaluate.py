@@ -18,6 +18,7 @@ import torch
 
 from .circuit import Circuit, Scores, edge_mask_from, prune, top_n_mask
 from .engine import patched_forward
+from .errors import CircuitsError
 from .methods.common import ABLATIONS, batches, check_choice, check_positive
 from .model import Model
 from .task import Task, correct, metric_values
@@ -83,7 +84,7 @@ def evaluate(
 ) -> Evaluation:
     """Faithfulness of ``circuit`` on ``task``: its edges kept, every other edge ablated."""
     if circuit.graph.n_src != model.graph.n_src or circuit.graph.n_dst != model.graph.n_dst:
-        raise ValueError(f"the circuit is for {circuit.graph!r}, but the model has {model.graph!r}")
+        raise CircuitsError(f"the circuit is for {circuit.graph!r}, but the model has {model.graph!r}")
     frame, values, right = masked_metrics(model, task, [circuit.mask], ablation, batch_size)
     frame.insert(1, "circuit", values[0])
     frame["correct"] = right[0]
@@ -135,10 +136,10 @@ def faithfulness_curve(
 ) -> Curve:
     """Faithfulness of the top-scoring circuits at each size (pruned), with CPR and CMD as MIB defines them."""
     if scores.level != "edge":
-        raise ValueError("a faithfulness curve needs edge-level scores")
+        raise CircuitsError("a faithfulness curve needs edge-level scores")
     fractions = sorted(float(f) for f in fractions)
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
-        raise ValueError(f"fractions must lie in (0, 1], got {fractions}")
+        raise CircuitsError(f"fractions must lie in (0, 1], got {fractions}")
     graph, total = model.graph, len(model.graph)
     sizes = [max(1, round(f * total)) for f in fractions]
     frame, _, _ = masked_metrics(model, task, [], ablation, batch_size)
@@ -171,13 +172,13 @@ def roc_auc(scores: Scores | torch.Tensor, true_edges, absolute: bool = True, ed
     if isinstance(scores, Scores):
         graph, values = scores.graph, scores.tensor
     else:
-        raise ValueError("roc_auc needs circuits.Scores (edge level)")
+        raise CircuitsError("roc_auc needs circuits.Scores (edge level)")
     universe = _universe(graph, edges)
     truth = edge_mask_from(graph, true_edges)[universe]
     ranked = (values.abs() if absolute else values)[universe].nan_to_num(float("-inf"))
     positives, negatives = int(truth.sum()), int((~truth).sum())
     if positives == 0 or negatives == 0:
-        raise ValueError(f"ROC AUC needs both true and false edges; got {positives} true of {len(truth)}")
+        raise CircuitsError(f"ROC AUC needs both true and false edges; got {positives} true of {len(truth)}")
     ranks = pd.Series(ranked.numpy()).rank(method="average").to_numpy()
     return float((ranks[truth.numpy()].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
@@ -185,13 +186,13 @@ def roc_auc(scores: Scores | torch.Tensor, true_edges, absolute: bool = True, ed
 def roc_points(circuits: Sequence[Circuit], true_edges, edges=None) -> pd.DataFrame:
     """One (false positive rate, true positive rate) point per circuit against a ground-truth edge set."""
     if not circuits:
-        raise ValueError("roc_points needs at least one circuit")
+        raise CircuitsError("roc_points needs at least one circuit")
     graph = circuits[0].graph
     universe = _universe(graph, edges)
     truth = edge_mask_from(graph, true_edges) & universe
     positives, negatives = int(truth.sum()), int((universe & ~truth).sum())
     if positives == 0 or negatives == 0:
-        raise ValueError(f"a ROC needs both true and false edges; got {positives} true of {positives + negatives}")
+        raise CircuitsError(f"a ROC needs both true and false edges; got {positives} true of {positives + negatives}")
     rows = []
     for circuit in circuits:
         kept = circuit.mask & universe

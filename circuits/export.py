@@ -21,6 +21,7 @@ import networkx as nx
 import pandas as pd
 import torch
 
+from .errors import CircuitsError
 from .graph import Graph
 from .io import atomic_write_text
 
@@ -107,30 +108,30 @@ def load(path: str | Path, model: Model | None = None) -> Circuit:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise ValueError(f"cannot read circuit file {path}: {error.strerror or error}") from None
+        raise CircuitsError(f"cannot read circuit file {path}: {error.strerror or error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a valid circuit JSON file: {error}") from None
+        raise CircuitsError(f"{path} is not a valid circuit JSON file: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("cfg"), dict) or not isinstance(data.get("edges"), dict):
-        raise ValueError(f"{path} is not a circuit file: it needs 'cfg' and 'edges' objects")
+        raise CircuitsError(f"{path} is not a circuit file: it needs 'cfg' and 'edges' objects")
     graph = _graph_for(data["cfg"], model, path)
     mask = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
     scores = torch.full((graph.n_src, graph.n_dst), float("nan"))
     for name, entry in data["edges"].items():
         i, j = _edge_index(graph, name, path)
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: edge {name!r} must map to an object with 'score' and 'in_graph'")
+            raise CircuitsError(f"{path}: edge {name!r} must map to an object with 'score' and 'in_graph'")
         mask[i, j] |= bool(entry.get("in_graph", False))
         score = entry.get("score")
         if score is not None:
             if not isinstance(score, (int, float)):
-                raise ValueError(f"{path}: edge {name!r} has a non-numeric score {score!r}")
+                raise CircuitsError(f"{path}: edge {name!r} has a non-numeric score {score!r}")
             scores[i, j] = float(score)
     for name in data.get("nodes", {}):
         if name != "logits":
             try:
                 graph.source_index(name)
             except ValueError:
-                raise ValueError(f"{path}: unknown node {name!r} for this model's graph ({graph!r})") from None
+                raise CircuitsError(f"{path}: unknown node {name!r} for this model's graph ({graph!r})") from None
     has_scores = bool((~scores.isnan()).any())
     return Circuit(graph, mask, scores=scores if has_scores else None, meta=data.get("meta", {}))
 
@@ -142,13 +143,13 @@ def _graph_for(cfg: dict, model: Model | None, path: Path) -> Graph:
         parallel = bool(cfg.get("parallel_attn_mlp", cfg.get("parallel", False)))
         graph = Graph(n_layers, n_heads, n_kv_heads, parallel)
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: bad 'cfg' ({error}); it needs n_layers and n_heads") from None
+        raise CircuitsError(f"{path}: bad 'cfg' ({error}); it needs n_layers and n_heads") from None
     if model is not None:
         ours = model.graph
         if (ours.n_layers, ours.n_heads, ours.parallel) != (graph.n_layers, graph.n_heads, graph.parallel) or (
             "n_kv_heads" in cfg and ours.n_kv_heads != graph.n_kv_heads
         ):
-            raise ValueError(f"{path} is for a graph of {graph!r}, but the model has {ours!r}")
+            raise CircuitsError(f"{path} is for a graph of {graph!r}, but the model has {ours!r}")
         return ours
     return graph
 
@@ -162,7 +163,7 @@ def _edge_index(graph: Graph, name: str, path: Path) -> tuple[int, int]:
     try:
         return graph.index(name)
     except ValueError as error:
-        raise ValueError(f"{path}: unknown edge {name!r} for this graph: {error}") from None
+        raise CircuitsError(f"{path}: unknown edge {name!r} for this graph: {error}") from None
 
 
 def to_networkx(circuit: Circuit) -> nx.DiGraph:

@@ -15,6 +15,8 @@ from functools import cached_property
 
 import torch
 
+from .errors import CircuitsError
+
 
 @dataclass(frozen=True)
 class LayerSlots:
@@ -40,7 +42,7 @@ class Graph:
     def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int | None = None, parallel: bool = False):
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_layers < 1 or n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
-            raise ValueError(
+            raise CircuitsError(
                 f"invalid graph shape: {n_layers} layers, {n_heads} heads, {n_kv_heads} key/value heads "
                 "(need positive counts and heads divisible by key/value heads)"
             )
@@ -130,13 +132,13 @@ class Graph:
         try:
             return self._source_index[name]
         except KeyError:
-            raise ValueError(f"unknown source node {name!r}; sources look like 'input', 'a0.h3', 'm2'") from None
+            raise CircuitsError(f"unknown source node {name!r}; sources look like 'input', 'a0.h3', 'm2'") from None
 
     def destination_index(self, name: str) -> int:
         try:
             return self._destination_index[name]
         except KeyError:
-            raise ValueError(
+            raise CircuitsError(
                 f"unknown destination node {name!r}; destinations look like 'a1.h0<q>', 'a1.h0<k>', 'm2', 'logits'"
             ) from None
 
@@ -144,16 +146,18 @@ class Graph:
         """``(source_index, destination_index)`` of an edge name such as ``a0.h1->m3``."""
         src, sep, dst = edge.partition("->")
         if not sep:
-            raise ValueError(f"edge {edge!r} is not of the form 'source->destination'")
+            raise CircuitsError(f"edge {edge!r} is not of the form 'source->destination'")
         i, j = self.source_index(src), self.destination_index(dst)
         if not self.real[i, j]:
-            raise ValueError(f"edge {edge!r} does not exist: {src} is computed after {dst} reads the residual stream")
+            raise CircuitsError(
+                f"edge {edge!r} does not exist: {src} is computed after {dst} reads the residual stream"
+            )
         return i, j
 
     def edge_name(self, i: int, j: int) -> str:
         """The name of the edge at ``[i, j]``; ValueError if that is no real edge."""
         if not (0 <= i < self.n_src and 0 <= j < self.n_dst) or not self.real[i, j]:
-            raise ValueError(
+            raise CircuitsError(
                 f"[{i}, {j}] is not an edge of this graph ({self.n_src} sources, {self.n_dst} destinations)"
             )
         return f"{self.sources[i]}->{self.destinations[j]}"

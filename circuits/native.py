@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import CircuitsError
 from .io import atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -61,11 +62,11 @@ class NativeConfig:
         _check_int("n_positions", self.n_positions, 0)
         for name in ("layer_norm", "causal"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"NativeConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise CircuitsError(f"NativeConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.attn_scale is not None:
             scale = self.attn_scale
             if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
-                raise ValueError(f"NativeConfig.attn_scale must be a positive number or None, got {scale!r}")
+                raise CircuitsError(f"NativeConfig.attn_scale must be a positive number or None, got {scale!r}")
             self.attn_scale = float(scale)
         if self.d_vocab_out is not None:
             _check_int("d_vocab_out", self.d_vocab_out, 1)
@@ -88,24 +89,24 @@ class NativeConfig:
     def from_dict(cls, data: dict[str, Any]) -> NativeConfig:
         """The config from ``to_dict``'s output; unknown keys or a foreign ``model_type`` are errors."""
         if not isinstance(data, dict):
-            raise ValueError(f"a native config must be a JSON object, got {type(data).__name__}")
+            raise CircuitsError(f"a native config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         model_type = data.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
-            raise ValueError(f"config model_type is {model_type!r}, not {cls.model_type!r}")
+            raise CircuitsError(f"config model_type is {model_type!r}, not {cls.model_type!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown NativeConfig field {unknown[0]!r}; fields: {', '.join(sorted(known))}")
+            raise CircuitsError(f"unknown NativeConfig field {unknown[0]!r}; fields: {', '.join(sorted(known))}")
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
         if missing:
-            raise ValueError(f"NativeConfig field {missing[0]!r} is missing")
+            raise CircuitsError(f"NativeConfig field {missing[0]!r} is missing")
         return cls(**data)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"NativeConfig.{name} must be an integer >= {low}, got {value!r}")
+        raise CircuitsError(f"NativeConfig.{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -187,7 +188,7 @@ class NativeTransformer(nn.Module):
     def __init__(self, config: NativeConfig):
         super().__init__()
         if not isinstance(config, NativeConfig):
-            raise ValueError(f"NativeTransformer needs a NativeConfig, got {type(config).__name__}")
+            raise CircuitsError(f"NativeTransformer needs a NativeConfig, got {type(config).__name__}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.n_positions, config.d_model) if config.n_positions else None
@@ -227,7 +228,7 @@ class NativeTransformer(nn.Module):
         x = self.embed(input_ids)
         if self.pos_embed is not None:
             if input_ids.shape[-1] > self.config.n_positions:
-                raise ValueError(
+                raise CircuitsError(
                     f"sequence length {input_ids.shape[-1]} exceeds the model's n_positions ({self.config.n_positions})"
                 )
             x = x + self.pos_embed(position_ids)
@@ -282,21 +283,21 @@ class NativeTransformer(nn.Module):
         config = read_config(directory)
         weights_path = directory / WEIGHTS_FILE
         if not weights_path.is_file():
-            raise ValueError(f"{directory} has no {WEIGHTS_FILE}")
+            raise CircuitsError(f"{directory} has no {WEIGHTS_FILE}")
         try:
             tensors = load_file(weights_path)
         except Exception as error:  # safetensors raises its own error types
-            raise ValueError(f"{weights_path}: unreadable weights ({error})") from None
+            raise CircuitsError(f"{weights_path}: unreadable weights ({error})") from None
         model = cls(config)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
             which = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
-            raise ValueError(f"{weights_path} does not match its config: {which}")
+            raise CircuitsError(f"{weights_path} does not match its config: {which}")
         for name, tensor in tensors.items():
             if tensor.shape != expected[name].shape:
-                raise ValueError(
+                raise CircuitsError(
                     f"{weights_path}: tensor {name!r} has shape {list(tensor.shape)}, "
                     f"the config needs {list(expected[name].shape)}"
                 )
@@ -310,11 +311,11 @@ def read_config(directory: str | os.PathLike) -> NativeConfig:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read native config {path}: {error}") from None
+        raise CircuitsError(f"cannot read native config {path}: {error}") from None
     try:
         return NativeConfig.from_dict(data)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise CircuitsError(f"{path}: {error}") from None
 
 
 def is_native_directory(directory: str | os.PathLike) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from .circuit import Circuit, Scores, greedy_mask, select
+from .errors import CircuitsError
 from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve, helpful_direction, masked_metrics
 from .export import versions
 from .io import atomic_write_text
@@ -91,7 +92,7 @@ def discover(
     check_positive("candidates", candidates)
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {out} exists and is not a folder")
+        raise CircuitsError(f"output path {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     phases = Phases(log)
     options = {"ablation": ablation, "batch_size": batch_size, "ig_steps": ig_steps, "progress": progress}

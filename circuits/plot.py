@@ -22,6 +22,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import PathPatch
 from matplotlib.path import Path as MplPath
 
+from .errors import CircuitsError
+
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies); MLP/logits inputs neutral.
 EDGE_COLORS: dict[str, str] = {"q": "#0072B2", "k": "#E69F00", "v": "#009E73", "mlp": "#7A7A7A"}
 FORMATS: dict[str, str] = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
@@ -184,7 +186,7 @@ def plot_curves(
     """
     curves = [curves] if hasattr(curves, "frame") else list(curves)
     if not curves:
-        raise ValueError("plot_curves needs at least one curve")
+        raise CircuitsError("plot_curves needs at least one curve")
     target = Path(path) if path is not None else None
     if target is not None:
         _format(target)
@@ -264,7 +266,7 @@ def _format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         shown = path.suffix or "(no extension)"
-        raise ValueError(f"cannot save a figure as {shown!r} ({path}); use one of {', '.join(FORMATS)}")
+        raise CircuitsError(f"cannot save a figure as {shown!r} ({path}); use one of {', '.join(FORMATS)}")
     return fmt
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .errors import CircuitsError
 from .io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class TokenizedTask:
     def batches(self, batch_size: int):
         """Consecutive batches, each trimmed to its own longest prompt."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise CircuitsError(f"batch_size must be at least 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
             yield self[start : start + batch_size]
 
@@ -104,7 +105,7 @@ def metric_values(
         return _custom_metric(metric, logits, batch)
     if metric in REFERENCE_METRICS:
         if clean_logits is None:
-            raise ValueError(f"the {metric} metric needs the clean run's logits")
+            raise CircuitsError(f"the {metric} metric needs the clean run's logits")
         if metric == "kl":
             clean = F.log_softmax(clean_logits.float(), -1)
             values = (clean.exp() * (clean - F.log_softmax(logits.float(), -1))).sum(-1)
@@ -115,7 +116,7 @@ def metric_values(
         weights = batch.output_mask.to(values.dtype)
         return (values * weights).sum(1) / weights.sum(1)
     if batch.output_mask is not None:
-        raise ValueError(
+        raise CircuitsError(
             f"metric {metric!r} needs answer tokens; a task scored against outputs takes kl, l2 or a callable"
         )
     values = logits.float() if metric == "logit_diff" else F.softmax(logits.float(), -1)
@@ -148,15 +149,15 @@ def _custom_metric(metric: Callable, logits: torch.Tensor, batch: TokenizedTask)
     name = getattr(metric, "__name__", "custom metric")
     values = metric(logits, batch)
     if not isinstance(values, torch.Tensor):
-        raise ValueError(f"metric {name!r} returned {type(values).__name__}; it must return a tensor")
+        raise CircuitsError(f"metric {name!r} returned {type(values).__name__}; it must return a tensor")
     if tuple(values.shape) != (len(batch),):
-        raise ValueError(
+        raise CircuitsError(
             f"metric {name!r} returned shape {tuple(values.shape)}; "
             f"it must return one value per example: ({len(batch)},)"
         )
     bad = (~torch.isfinite(values)).nonzero().flatten()
     if len(bad):
-        raise ValueError(f"metric {name!r} returned {values[bad[0]].item()} for example {batch.start + int(bad[0])}")
+        raise CircuitsError(f"metric {name!r} returned {values[bad[0]].item()} for example {batch.start + int(bad[0])}")
     return values
 
 
@@ -197,7 +198,7 @@ class Task:
         for i in range(len(clean)):
             for field, prompt in (("clean", clean[i]), ("corrupted", corrupted[i])):
                 if not isinstance(prompt, str) or not prompt:
-                    raise ValueError(f"example {i}: the {field} prompt must be a non-empty string, got {prompt!r}")
+                    raise CircuitsError(f"example {i}: the {field} prompt must be a non-empty string, got {prompt!r}")
             for field, answer in (("answer", answers[i]), ("wrong answer", wrong_answers[i])):
                 _answer_set(answer, str, f"example {i}: {field}")
         self.clean, self.corrupted = list(clean), list(corrupted)
@@ -260,13 +261,13 @@ class Task:
         task.name = _check_name(name)
         task.metric = _check_metric(metric)
         if isinstance(metric, str) and metric not in REFERENCE_METRICS:
-            raise ValueError(
+            raise CircuitsError(
                 f"metric {metric!r} needs answer tokens; a task scored against outputs takes kl, l2 or a callable"
             )
         if not isinstance(numeric, bool):
-            raise ValueError(f"numeric must be True or False, got {numeric!r}")
+            raise CircuitsError(f"numeric must be True or False, got {numeric!r}")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-            raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+            raise CircuitsError(f"tolerance must be a number >= 0, got {tolerance!r}")
         columns = dict(clean_ids=clean_ids, corrupted_ids=corrupted_ids)
         _check_lengths(task.name, **columns, outputs=outputs)
         if positions == "all":
@@ -295,7 +296,7 @@ class Task:
     def to_dict(self) -> dict[str, Any]:
         """The task as plain JSON-ready data (``Task.from_dict`` reads it back); the metric must be a name."""
         if not isinstance(self.metric, str):
-            raise ValueError(f"task {self.name!r} has a callable metric, which cannot be written as data")
+            raise CircuitsError(f"task {self.name!r} has a callable metric, which cannot be written as data")
         if self.per_position:
             extra = {"numeric": self.numeric, "tolerance": self.tolerance}
             return {"name": self.name, "metric": self.metric, **self.token_ids, **extra}
@@ -306,11 +307,11 @@ class Task:
     def from_dict(cls, data: dict[str, Any]) -> Task:
         """A task from ``Task.to_dict`` data: text, token ids, or outputs scored at several positions."""
         if not isinstance(data, dict):
-            raise ValueError(f"task data must be a JSON object, got {type(data).__name__}")
+            raise CircuitsError(f"task data must be a JSON object, got {type(data).__name__}")
         keys = OUTPUT_KEYS if "outputs" in data else ID_KEYS if "clean_ids" in data else TEXT_KEYS
         missing = [key for key in ("name", *keys) if key not in data]
         if missing:
-            raise ValueError(f"task data lacks {', '.join(map(repr, missing))}")
+            raise CircuitsError(f"task data lacks {', '.join(map(repr, missing))}")
         columns = [data[key] for key in keys]
         metric = data.get("metric", "l2" if keys is OUTPUT_KEYS else "logit_diff")
         if keys is OUTPUT_KEYS:
@@ -345,13 +346,13 @@ class Task:
 
     def _tokenize_text(self, tokenizer) -> TokenizedTask:
         if tokenizer is None:
-            raise ValueError(f"task {self.name!r} holds text: tokenize it with the model's tokenizer")
+            raise CircuitsError(f"task {self.name!r} holds text: tokenize it with the model's tokenizer")
         clean_ids, corrupted_ids, answer_ids, wrong_ids = [], [], [], []
         for i in range(len(self)):
             clean = tokenizer(self.clean[i])["input_ids"]
             corrupted = tokenizer(self.corrupted[i])["input_ids"]
             if len(clean) != len(corrupted):
-                raise ValueError(
+                raise CircuitsError(
                     f"example {i}: the clean and corrupted prompts tokenize to different lengths "
                     f"({len(clean)} vs {len(corrupted)} tokens):\n"
                     f"  clean:     {self.clean[i]!r} -> {tokenizer.convert_ids_to_tokens(clean)}\n"
@@ -378,16 +379,16 @@ class Task:
     def subset(self, n: int) -> Task:
         """The first ``n`` examples."""
         if not 1 <= n <= len(self):
-            raise ValueError(f"subset size must be between 1 and {len(self)} (the task's size), got {n}")
+            raise CircuitsError(f"subset size must be between 1 and {len(self)} (the task's size), got {n}")
         return self._select(range(n))
 
     def split(self, test_fraction: float = 0.5, seed: int = 0) -> tuple[Task, Task]:
         """A random split into a discovery task and a held-out evaluation task."""
         if not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+            raise CircuitsError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
         n_test = round(len(self) * test_fraction)
         if not 0 < n_test < len(self):
-            raise ValueError(f"a {test_fraction} split of {len(self)} examples leaves one side empty")
+            raise CircuitsError(f"a {test_fraction} split of {len(self)} examples leaves one side empty")
         order = list(range(len(self)))
         random.Random(seed).shuffle(order)
         test, discovery = sorted(order[:n_test]), sorted(order[n_test:])
@@ -410,7 +411,7 @@ class Task:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"cannot read task file {path}: {error}") from None
+            raise CircuitsError(f"cannot read task file {path}: {error}") from None
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -418,20 +419,20 @@ class Task:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+                raise CircuitsError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+                raise CircuitsError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
             if "corrupt" in row and "corrupted" not in row:
                 row["corrupted"] = row.pop("corrupt")
             keys = OUTPUT_KEYS if "outputs" in row else ID_KEYS if "clean_ids" in row else TEXT_KEYS
             missing = [key for key in keys if key not in row]
             if missing:
-                raise ValueError(f"{path}, line {number}: missing {', '.join(map(repr, missing))}")
+                raise CircuitsError(f"{path}, line {number}: missing {', '.join(map(repr, missing))}")
             if rows and rows[0][0] is not keys:
-                raise ValueError(f"{path}, line {number}: mixes kinds of examples (text, token ids, outputs)")
+                raise CircuitsError(f"{path}, line {number}: mixes kinds of examples (text, token ids, outputs)")
             rows.append((keys, [row[key] for key in keys]))
         if not rows:
-            raise ValueError(f"task file {path} holds no examples")
+            raise CircuitsError(f"task file {path} holds no examples")
         columns = [list(column) for column in zip(*(values for _, values in rows), strict=True)]
         name = name or path.stem
         if rows[0][0] is OUTPUT_KEYS:  # values written as floats are numeric outputs
@@ -475,37 +476,37 @@ class Task:
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a task needs a non-empty name, got {name!r}")
+        raise CircuitsError(f"a task needs a non-empty name, got {name!r}")
     return name
 
 
 def _check_metric(metric: Metric) -> Metric:
     if callable(metric) or metric in METRICS:
         return metric
-    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)} or pass a callable")
+    raise CircuitsError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)} or pass a callable")
 
 
 def _check_lengths(name: str, **columns: Sequence) -> None:
     for field, values in columns.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-            raise ValueError(f"task {name!r}: {field} must be a list, got {type(values).__name__}")
+            raise CircuitsError(f"task {name!r}: {field} must be a list, got {type(values).__name__}")
     sizes = {field: len(values) for field, values in columns.items()}
     first = next(iter(sizes))
     if sizes[first] == 0:
-        raise ValueError(f"task {name!r} is empty: it needs at least one example")
+        raise CircuitsError(f"task {name!r} is empty: it needs at least one example")
     for field, size in sizes.items():
         if size != sizes[first]:
-            raise ValueError(f"task {name!r}: {first} has {sizes[first]} entries but {field} has {size}")
+            raise CircuitsError(f"task {name!r}: {first} has {sizes[first]} entries but {field} has {size}")
 
 
 def _check_id_pair(i: int, columns: dict[str, Sequence]) -> None:
     """Example ``i``'s clean and corrupted prompts are token-id lists of the same length."""
     for field, ids in columns.items():
         if not _is_id_list(ids[i]):
-            raise ValueError(f"example {i}: {field} must be a non-empty list of token ids, got {ids[i]!r}")
+            raise CircuitsError(f"example {i}: {field} must be a non-empty list of token ids, got {ids[i]!r}")
     clean, corrupted = columns["clean_ids"][i], columns["corrupted_ids"][i]
     if len(clean) != len(corrupted):
-        raise ValueError(
+        raise CircuitsError(
             f"example {i}: the clean prompt has {len(clean)} tokens but the corrupted prompt has "
             f"{len(corrupted)}; the two prompts of a pair must have equal length"
         )
@@ -531,7 +532,7 @@ def _answer_set(answer: Any, kind: type, what: str) -> list:
     items = answer if isinstance(answer, (list, tuple)) else [answer]
     if not items or not all(valid(item) for item in items):
         expected = "a token id or a non-empty list of them" if kind is int else "a string or a non-empty list of them"
-        raise ValueError(f"{what} must be {expected}, got {answer!r}")
+        raise CircuitsError(f"{what} must be {expected}, got {answer!r}")
     return list(items)
 
 
@@ -543,14 +544,16 @@ def _check_positions(positions: Any, length: int, what: str) -> None:
         and all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < length for p in positions)
     )
     if not valid or len(set(positions)) != len(positions):
-        raise ValueError(
+        raise CircuitsError(
             f"{what}: positions must be a non-empty list of distinct positions in 0..{length - 1}, got {positions!r}"
         )
 
 
 def _check_outputs(outputs: Any, count: int, numeric: bool, what: str) -> None:
     if isinstance(outputs, (str, bytes)) or not isinstance(outputs, Sequence) or len(outputs) != count:
-        raise ValueError(f"{what}: outputs must be a list of {count} values (one per scored position), got {outputs!r}")
+        raise CircuitsError(
+            f"{what}: outputs must be a list of {count} values (one per scored position), got {outputs!r}"
+        )
     for value in outputs:
         if numeric:
             valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -558,7 +561,7 @@ def _check_outputs(outputs: Any, count: int, numeric: bool, what: str) -> None:
             valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
         if not valid:
             expected = "a finite number" if numeric else "an output id (an integer >= 0)"
-            raise ValueError(f"{what}: output {value!r} is not {expected}")
+            raise CircuitsError(f"{what}: output {value!r} is not {expected}")
 
 
 def _plain(answers: Sequence) -> list:
@@ -570,7 +573,7 @@ def _single_tokens(tokenizer, answer: str | Sequence[str], what: str) -> list[in
     for text in _answer_set(answer, str, what):
         pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(pieces) != 1:
-            raise ValueError(
+            raise CircuitsError(
                 f"{what} {text!r} is {len(pieces)} tokens {tokenizer.convert_ids_to_tokens(pieces)}; "
                 "answers must be single tokens"
             )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-import tasks
+from circuits import tasks
 from circuits.cli import main as circuits_main
 from circuits.io import atomic_write_text
 from circuits.pipeline import write_summary

@@ -1,6 +1,6 @@
 """The task catalogue: classic circuit tasks (IOI, greater-than, induction, ...) as circuits.Task.
 
-    import tasks
+    from circuits import tasks
     tasks.available()                                   # {name: one-line description}
     task = tasks.get("ioi", model.tokenizer, n=128, seed=0)
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-import circuits
+from circuits.task import Task
+from circuits.errors import CircuitsError
 
 from . import capitals, docstring, gendered_pronoun, greater_than, induction, ioi, sva
 
@@ -35,12 +36,12 @@ def available() -> dict[str, str]:
     return {name: module.DESCRIPTION for name, module in _GENERATORS.items()}
 
 
-def get(name: str, tokenizer=None, n: int = 64, seed: int = 0) -> circuits.Task:
+def get(name: str, tokenizer=None, n: int = 64, seed: int = 0) -> Task:
     """The catalogue task ``name`` with ``n`` examples drawn with ``seed``, fitted to ``tokenizer`` if given."""
     if name not in _GENERATORS:
-        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(_GENERATORS)}")
+        raise CircuitsError(f"unknown task {name!r}; available tasks: {', '.join(_GENERATORS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive number of examples, got {n!r}")
+        raise CircuitsError(f"n must be a positive number of examples, got {n!r}")
     return _GENERATORS[name].generate(tokenizer, n=n, seed=seed)
 
 

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-import circuits
+from circuits.task import Task
+from circuits.errors import CircuitsError
 
 Answer = str | list[str]
 
@@ -59,7 +60,7 @@ class Tokens:
 def enough(name: str, what: str, pool: Sequence, needed: int) -> None:
     """Raise if filtering to single tokens left fewer than ``needed`` items in ``pool``."""
     if len(pool) < needed:
-        raise ValueError(
+        raise CircuitsError(
             f"task {name!r}: only {len(pool)} {what} are single tokens under this tokenizer, {needed} are needed"
         )
 
@@ -71,13 +72,13 @@ def build(
     tokens: Tokens,
     draw: Callable[[random.Random], Example | None],
     metric: str = "logit_diff",
-) -> circuits.Task:
+) -> Task:
     """A task of exactly ``n`` examples from ``draw``, skipping draws whose pair lengths or answers do not fit.
 
     ``draw`` returns ``None`` to skip a draw of its own. Raises ``ValueError`` if too few draws fit.
     """
     if n < 1:
-        raise ValueError(f"a task needs n >= 1 examples, got {n}")
+        raise CircuitsError(f"a task needs n >= 1 examples, got {n}")
     rng = random.Random(seed)
     examples: list[Example] = []
     attempts = max(1000, 50 * n)
@@ -90,11 +91,11 @@ def build(
         if tokens.answers_single(example.answer) and tokens.answers_single(example.wrong):
             examples.append(example)
     if len(examples) < n:
-        raise ValueError(
+        raise CircuitsError(
             f"task {name!r}: only {len(examples)} of the {n} examples asked for could be built in {attempts} draws "
             "(pairs of equal token length with single-token answers)"
         )
-    return circuits.Task(
+    return Task(
         name,
         [e.clean for e in examples],
         [e.corrupted for e in examples],

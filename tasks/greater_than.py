@@ -14,6 +14,8 @@ Answers are sets; ``logit_diff`` compares the mean logit of each set, accuracy t
 
 from __future__ import annotations
 
+from circuits.errors import CircuitsError
+
 from ._common import Example, Tokens, build
 
 DESCRIPTION = "greater-than: 'The war lasted from the year 1745 to the year 17' -> a year after 1745"
@@ -36,7 +38,7 @@ def year_scheme(tokenizer) -> str:
         return "digits"
     if pieces[-1:] == ["45"] and "".join(pieces) == "1745":
         return "pairs"
-    raise ValueError(f"greater_than: cannot handle a tokenizer that writes ' 1745' as {pieces}")
+    raise CircuitsError(f"greater_than: cannot handle a tokenizer that writes ' 1745' as {pieces}")
 
 
 def generate(tokenizer=None, n: int = 64, seed: int = 0):

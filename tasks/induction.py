@@ -7,12 +7,12 @@ context against an arbitrary one.
 
 With a tokenizer the tokens are ordinary words, each one token with its leading space, so the text prompts
 tokenize to exactly one token a word. Without one the task is token ids 1..60 (0 is padding), the vocabulary
-of the tiny test models in ``circuits.tiny``.
+of the tiny test models in ``circuits.testing``.
 """
 
 from __future__ import annotations
 
-import circuits
+from circuits.task import Task
 
 from ._common import Example, Tokens, build, enough
 
@@ -75,6 +75,6 @@ def _token_ids(n: int, seed: int):
 
     text = build("induction", n, seed, Tokens(), draw)
     ids = [[[int(t) for t in prompt.split()] for prompt in column] for column in (text.clean, text.corrupted)]
-    return circuits.Task.from_token_ids(
+    return Task.from_token_ids(
         "induction", ids[0], ids[1], [int(a) for a in text.answers], [int(w) for w in text.wrong_answers]
     )

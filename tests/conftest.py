@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import circuits
-from circuits.tiny import ARCHITECTURES, tiny_hf, tiny_pair
+from circuits.testing import ARCHITECTURES, tiny_hf, tiny_pair
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)

@@ -8,8 +8,8 @@ import re
 import pytest
 
 import circuits
-import tasks
-from circuits.tiny import VOCAB, tiny_hf
+from circuits import tasks
+from circuits.testing import VOCAB, tiny_hf
 
 NAMES = ["ioi", "greater_than", "induction", "docstring", "sva", "capitals", "gendered_pronoun"]
 
@@ -189,7 +189,7 @@ def test_sva_corrupts_the_subjects_number_and_answers_the_agreeing_verb():
 
 
 def test_capitals_wrong_answer_is_the_corrupted_countrys_capital():
-    from tasks.capitals import CAPITALS
+    from circuits.tasks.capitals import CAPITALS
 
     for clean, corrupted, answer, wrong in examples(tasks.get("capitals", n=50)):
         country = next(c for c in CAPITALS if c in clean)
@@ -198,7 +198,7 @@ def test_capitals_wrong_answer_is_the_corrupted_countrys_capital():
 
 
 def test_gendered_pronoun_answers_the_clean_names_pronoun():
-    from tasks._names import FEMALE, MALE
+    from circuits.tasks._names import FEMALE, MALE
 
     for clean, corrupted, answer, wrong in examples(tasks.get("gendered_pronoun", n=50)):
         name = next(w for w in re.findall(r"\w+", clean) if w not in re.findall(r"\w+", corrupted))

@@ -12,7 +12,7 @@ import torch
 import circuits
 from circuits.circuit import prune
 from circuits.evaluate import area
-from circuits.tiny import tiny_hf, tiny_pair
+from circuits.testing import tiny_hf, tiny_pair
 
 
 def circuit_of(graph, edges, scores=None):

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 import circuits
-import tasks
+from circuits import tasks
 from circuits.cli import main
 from circuits.pipeline import FILES, orientation, select_circuit
-from circuits.tiny import tiny_hf
+from circuits.testing import tiny_hf
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_plot_refuses_an_unknown_figure_format(discovered, tmp_path, capsys):
 
 
 def test_tasks_lists_the_catalogue_one_line_each(capsys):
-    import tasks
+    from circuits import tasks
 
     assert main(["tasks"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -7,8 +7,8 @@ import torch
 from oracle import Oracle
 
 import circuits
-from circuits.tiny import tiny_hf as make_hf
-from circuits.tiny import tiny_pair as make_pair
+from circuits.testing import tiny_hf as make_hf
+from circuits.testing import tiny_pair as make_pair
 
 ATOL = 1e-4
 

@@ -1,6 +1,6 @@
 """The committed induction model: it loads without training, does induction, and every method finds its circuit.
 
-The model and its circuit come from ``python -m circuits.ground_truth.train_induction`` (see
+The model and its circuit come from ``scripts/train_induction.py`` (see
 results/ground_truth/induction.md). The previous-token head (layer 0) and the induction heads
 (layer 1) are read off ``truth.json``: the edges from the one into the others' key inputs.
 """
@@ -11,10 +11,12 @@ import re
 
 import pytest
 import torch
+from script_loader import load_script
 
 import circuits
 import circuits.ground_truth as ground_truth
-from circuits.ground_truth import train_induction
+
+train_induction = load_script("train_induction")
 
 NAME = "induction-2l"
 ACCURACY_BAR = 0.95  # top-1 accuracy on the predictable repeat positions of fresh sequences
@@ -43,7 +45,7 @@ def test_it_is_listed_and_loads_without_training(truth):
     config = truth.model.hf.config
     assert (config.n_layers, config.d_mlp, config.causal) == (2, 0, True)
     assert truth.edges <= set(truth.model.graph.edges)
-    assert "training" in truth.info and truth.script.endswith("train_induction")
+    assert "training" in truth.info and truth.script.endswith("scripts/train_induction.py")
 
 
 def test_the_model_does_induction_on_fresh_sequences(truth):

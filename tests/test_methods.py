@@ -12,7 +12,7 @@ import circuits
 from circuits.methods.common import Batch
 from circuits.methods.gradient import _batch_scores
 from circuits.task import metric_values
-from circuits.tiny import tiny_hf, tiny_pair
+from circuits.testing import tiny_hf, tiny_pair
 
 acdc_module = importlib.import_module("circuits.methods.acdc")  # the package exports the function under this name
 GRADIENT_METHODS = ["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted"]

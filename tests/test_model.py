@@ -10,8 +10,8 @@ from transformers import GPT2Model, OPTConfig, OPTForCausalLM
 
 import circuits
 from circuits import model as model_module
-from circuits.tiny import tiny_hf as make_hf
-from circuits.tiny import tiny_tokenizer
+from circuits.testing import tiny_hf as make_hf
+from circuits.testing import tiny_tokenizer
 
 
 def test_local_directory_loads_offline_with_its_tokenizer(tmp_path, monkeypatch):

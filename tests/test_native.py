@@ -32,7 +32,7 @@ import circuits
 import circuits.ground_truth as ground_truth
 from circuits.arch.native import NativeAdapter
 from circuits.native import NativeConfig, NativeTransformer
-from circuits.tiny import NATIVE_ARCHITECTURES, NATIVE_CONFIGS, VOCAB, tiny_native, tiny_pair
+from circuits.testing import NATIVE_ARCHITECTURES, NATIVE_CONFIGS, VOCAB, tiny_native, tiny_pair
 
 ATOL = 1e-4
 

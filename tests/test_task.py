@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import circuits
 from circuits.task import correct, metric_values
-from circuits.tiny import tiny_hf, tiny_tokenizer
+from circuits.testing import tiny_hf, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from circuits import ground_truth
 from circuits.evaluate import roc_auc_of_circuits
 from circuits.ground_truth.tracr import edge_effects, from_tracr, native_from_tracr, weight_edges
 from circuits.task import correct, metric_values
-from circuits.tiny import tiny_hf
+from circuits.testing import tiny_hf
 
 # --- tasks scored at several positions ------------------------------------------------------
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import circuits
-from circuits.tiny import tiny_hf as make_hf
-from circuits.tiny import tiny_pair as make_pair
+from circuits.testing import tiny_hf as make_hf
+from circuits.testing import tiny_pair as make_pair
 
 
 @pytest.fixture(scope="module")

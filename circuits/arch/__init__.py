@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import CircuitsError
 from .base import Adapter, Context
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
@@ -25,12 +26,12 @@ def adapter_for(hf: nn.Module) -> Adapter:
     """The adapter for an HF causal LM; ValueError naming the model_type if unsupported."""
     model_type = getattr(getattr(hf, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
-        raise ValueError(
+        raise CircuitsError(
             f"unsupported architecture: model_type {model_type!r}; supported model types: "
             + ", ".join(supported_model_types())
         )
     if hf.get_output_embeddings() is None:
-        raise ValueError(
+        raise CircuitsError(
             f"{type(hf).__name__} has no language-model head; load it with AutoModelForCausalLM "
             "(circuits needs the logits)"
         )

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CircuitsError
 from ..model import Model
 from ..native import CONFIG_FILE, WEIGHTS_FILE, NativeTransformer
 from ..task import Task
@@ -74,7 +75,7 @@ def directory(name: str) -> Path:
     """The data directory of ground-truth model ``name``; ValueError listing the names if unknown."""
     names = available()
     if not isinstance(name, str) or name not in names:
-        raise ValueError(f"unknown ground-truth model {name!r}; available: {', '.join(names) or 'none'}")
+        raise CircuitsError(f"unknown ground-truth model {name!r}; available: {', '.join(names) or 'none'}")
     return DATA / name
 
 
@@ -88,19 +89,19 @@ def load_directory(path: str | os.PathLike, device: str | torch.device = "cpu") 
     path = Path(path)
     for file in FILES:
         if not (path / file).is_file():
-            raise ValueError(f"ground-truth directory {path} lacks {file}")
+            raise CircuitsError(f"ground-truth directory {path} lacks {file}")
     model = Model.from_hf(NativeTransformer.load(path, device=device), name=path.name)
     task_data = _read_json(path / TASK_FILE)
     truth = _read_json(path / TRUTH_FILE)
     task = task_from_json(task_data, path / TASK_FILE)
     edges = truth.get("edges")
     if not isinstance(edges, list) or not all(isinstance(e, str) for e in edges):
-        raise ValueError(f"{path / TRUTH_FILE}: 'edges' must be a list of edge names")
+        raise CircuitsError(f"{path / TRUTH_FILE}: 'edges' must be a list of edge names")
     for edge in edges:
         try:
             model.graph.index(edge)
         except ValueError as error:
-            raise ValueError(f"{path / TRUTH_FILE}: {error}") from None
+            raise CircuitsError(f"{path / TRUTH_FILE}: {error}") from None
     known = {"description", "vocab", *task.to_dict()}
     return GroundTruth(
         name=path.name,
@@ -120,13 +121,13 @@ def task_from_json(data: dict[str, Any], where: str | os.PathLike = "task.json")
     try:
         return Task.from_dict(data)
     except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+        raise CircuitsError(f"{where}: {error}") from None
 
 
 def task_to_json(task: Task, description: str = "", **extra: Any) -> dict[str, Any]:
     """The ``task.json`` object of a token-id ``circuits.Task`` (``extra``: vocab, vocab_out, ...)."""
     if not task.token_ids:
-        raise ValueError(f"task {task.name!r} holds text; a ground-truth task needs token ids")
+        raise CircuitsError(f"task {task.name!r} holds text; a ground-truth task needs token ids")
     return {**task.to_dict(), "description": description, **extra}
 
 
@@ -170,9 +171,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+        raise CircuitsError(f"cannot read {path}: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise CircuitsError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..engine import patched_forward, patching_values
+from ..errors import CircuitsError
 from ..graph import Graph
 from ..model import Model
 from ..native import NativeConfig, NativeTransformer
@@ -65,9 +66,11 @@ class TracrInfo:
             tokens = [self.input_vocab[self.bos_id], *tokens]
         for token in tokens:
             if token not in names:
-                raise ValueError(f"token {token!r} is not in the compiled vocabulary ({', '.join(self.input_vocab)})")
+                raise CircuitsError(
+                    f"token {token!r} is not in the compiled vocabulary ({', '.join(self.input_vocab)})"
+                )
         if len(tokens) > self.max_seq_len:
-            raise ValueError(
+            raise CircuitsError(
                 f"sequence {list(sequence)!r} has {len(tokens)} tokens with BOS; the model takes {self.max_seq_len}"
             )
         return [names[t] for t in tokens]
@@ -87,15 +90,15 @@ def native_from_tracr(assembled_model: Any, output_space: str | None = None) -> 
     config = assembled_model.model_config
     n_layers, n_heads, d_head = int(config.num_layers), int(config.num_heads), int(config.key_size)
     if getattr(config, "layer_norm", False):
-        raise ValueError("the compiled model uses layer norm; compile with layer_norm=False (tracr's default)")
+        raise CircuitsError("the compiled model uses layer norm; compile with layer_norm=False (tracr's default)")
     activation = getattr(config, "activation_function", None)
     if activation is not None and "relu" not in str(getattr(activation, "__name__", activation)).lower():
-        raise ValueError(f"the compiled model's MLP activation is {activation!r}; only ReLU is supported")
+        raise CircuitsError(f"the compiled model's MLP activation is {activation!r}; only ReLU is supported")
     token_embed = params["token_embed"]["embeddings"]
     pos_embed = params["pos_embed"]["embeddings"]
     d_model = token_embed.shape[1]
     if len(labels) != d_model:
-        raise ValueError(f"the model has {len(labels)} residual labels but a {d_model}-dimensional residual stream")
+        raise CircuitsError(f"the model has {len(labels)} residual labels but a {d_model}-dimensional residual stream")
 
     input_vocab, bos_id = _input_vocab(assembled_model.input_encoder, token_embed.shape[0])
     output_map = getattr(assembled_model.output_encoder, "encoding_map", None)
@@ -143,7 +146,7 @@ def native_from_tracr(assembled_model: Any, output_space: str | None = None) -> 
     with torch.no_grad():
         for name, value in state.items():
             if tuple(value.shape) != tuple(expected[name].shape):
-                raise ValueError(
+                raise CircuitsError(
                     f"tracr parameter for {name} has shape {value.shape}, expected {tuple(expected[name].shape)}"
                 )
             expected[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
@@ -233,13 +236,13 @@ def from_tracr(
     native, info = native_from_tracr(assembled_model, output_space)
     model = Model.from_hf(native, name=name)
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or not inputs:
-        raise ValueError("inputs must be a non-empty list of input sequences")
+        raise CircuitsError("inputs must be a non-empty list of input sequences")
     clean_ids = [info.encode(sequence) for sequence in inputs]
     if corrupted is None:
         corrupted_ids = _derangement(clean_ids, seed)
     else:
         if len(corrupted) != len(inputs):
-            raise ValueError(f"corrupted has {len(corrupted)} sequences but inputs has {len(inputs)}")
+            raise CircuitsError(f"corrupted has {len(corrupted)} sequences but inputs has {len(inputs)}")
         corrupted_ids = [info.encode(sequence) for sequence in corrupted]
     if outputs is None:
         outputs = [list(assembled_model.apply(_with_bos(sequence, info)).decoded)[1:] for sequence in inputs]
@@ -264,7 +267,7 @@ def from_tracr(
 def _params(assembled_model: Any) -> dict[str, dict[str, Any]]:
     params = getattr(assembled_model, "params", None)
     if not isinstance(params, dict) or "token_embed" not in params or "pos_embed" not in params:
-        raise ValueError("not a tracr assembled model: its params lack token_embed/pos_embed")
+        raise CircuitsError("not a tracr assembled model: its params lack token_embed/pos_embed")
     return params
 
 
@@ -289,13 +292,13 @@ def _pad(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def _input_vocab(encoder: Any, size: int) -> tuple[list[str], int]:
     mapping = getattr(encoder, "encoding_map", None)
     if not isinstance(mapping, dict) or sorted(mapping.values()) != list(range(size)):
-        raise ValueError(f"the input encoder must map {size} tokens to ids 0..{size - 1}")
+        raise CircuitsError(f"the input encoder must map {size} tokens to ids 0..{size - 1}")
     vocab = [""] * size
     for token, index in mapping.items():
         vocab[index] = str(token)
     bos = getattr(encoder, "bos_token", None) or getattr(encoder, "_bos_token", None) or BOS
     if str(bos) not in vocab:
-        raise ValueError(f"the input vocabulary has no BOS token {bos!r}")
+        raise CircuitsError(f"the input vocabulary has no BOS token {bos!r}")
     return vocab, vocab.index(str(bos))
 
 
@@ -307,12 +310,12 @@ def _output_labels(
         name = _find_output_space(params, labels, n_layers, output_map)
     if output_map is None:
         if name not in labels:
-            raise ValueError(f"no residual direction named {name!r} for the numerical output")
+            raise CircuitsError(f"no residual direction named {name!r} for the numerical output")
         return [name]
     wanted = [f"{name}:{value}" for value, _ in sorted(output_map.items(), key=lambda kv: kv[1])]
     missing = [label for label in wanted if label not in labels]
     if missing:
-        raise ValueError(f"the output space {name!r} lacks residual direction {missing[0]!r}")
+        raise CircuitsError(f"the output space {name!r} lacks residual direction {missing[0]!r}")
     return wanted
 
 
@@ -339,7 +342,7 @@ def _find_output_space(params: dict, labels: list[str], n_layers: int, output_ma
         spaces = [s for s in spaces if s in labels]
     if len(spaces) != 1:
         found = ", ".join(spaces) or "none"
-        raise ValueError(f"cannot tell the output space from the weights (candidates: {found}); pass output_space=")
+        raise CircuitsError(f"cannot tell the output space from the weights (candidates: {found}); pass output_space=")
     return spaces[0]
 
 
@@ -351,7 +354,7 @@ def _with_bos(sequence: Sequence[Any], info: TracrInfo) -> list[Any]:
 
 def _targets(row: Sequence[Any], info: TracrInfo, count: int, what: str) -> list[int | float]:
     if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or len(row) != count:
-        raise ValueError(f"{what}: expected {count} program outputs (one per non-BOS position), got {row!r}")
+        raise CircuitsError(f"{what}: expected {count} program outputs (one per non-BOS position), got {row!r}")
     if info.numeric:
         values = []
         for value in row:  # RASP's numerical mean of one boolean is that boolean: it counts as 0 or 1
@@ -360,14 +363,14 @@ def _targets(row: Sequence[Any], info: TracrInfo, count: int, what: str) -> list
             except (TypeError, ValueError):
                 number = math.nan
             if isinstance(value, str) or not math.isfinite(number):
-                raise ValueError(f"{what}: program output {value!r} is not a number")
+                raise CircuitsError(f"{what}: program output {value!r} is not a number")
             values.append(number)
         return values
     names = {name: i for i, name in enumerate(info.output_vocab)}
     ids = []
     for value in row:
         if str(value) not in names:
-            raise ValueError(f"{what}: program output {value!r} is not one of {', '.join(info.output_vocab)}")
+            raise CircuitsError(f"{what}: program output {value!r} is not one of {', '.join(info.output_vocab)}")
         ids.append(names[str(value)])
     return ids
 
@@ -381,7 +384,7 @@ def _derangement(rows: list[list[int]], seed: int) -> list[list[int]]:
     partner = {}
     for length, members in by_length.items():
         if len(members) < 2:
-            raise ValueError(f"only one input of length {length}: pass corrupted= to pair it")
+            raise CircuitsError(f"only one input of length {length}: pass corrupted= to pair it")
         order = members[:]
         while True:
             generator.shuffle(order)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..circuit import Circuit, edge_mask_from
 from ..engine import PrefixCache, patched_forward
+from ..errors import CircuitsError
 from ..graph import Graph
 from ..io import atomic_write_text
 from ..model import Model
@@ -75,7 +76,7 @@ def acdc(
     ``reuse_prefix=False`` runs every step as a whole forward (for benchmarks; same circuit).
     """
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0:
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+        raise CircuitsError(f"threshold must be a number >= 0, got {threshold!r}")
     check_choice("metric", metric, METRICS)
     check_choice("ablation", ablation, ABLATIONS)
     check_positive("batch_size", batch_size)
@@ -197,16 +198,16 @@ def _load_checkpoint(path, config: dict, graph: Graph) -> dict | None:
     try:
         payload = json.loads(path.read_text())
         if payload.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"version {payload.get('version')!r}")
+            raise CircuitsError(f"version {payload.get('version')!r}")
         kept = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
         for i, j in payload["kept"]:
             kept[i, j] = True
         state = {"next": int(payload["next"]), "current": float(payload["current"]), "steps": int(payload["steps"])}
     except (ValueError, KeyError, TypeError, IndexError) as error:
-        raise ValueError(f"ACDC checkpoint {path} is unreadable ({error}); delete it to start over") from None
+        raise CircuitsError(f"ACDC checkpoint {path} is unreadable ({error}); delete it to start over") from None
     if payload["config"] != config:
         differences = [k for k in config if payload["config"].get(k) != config[k]]
-        raise ValueError(
+        raise CircuitsError(
             f"ACDC checkpoint {path} belongs to another run (differs in {', '.join(differences)}); "
             "use another path or delete it"
         )

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import mean_values, patching_values
+from ..errors import CircuitsError
 from ..model import Model
 from ..task import Task, TokenizedTask, metric_values
 
@@ -24,12 +25,12 @@ class Batch:
 
 def check_choice(what: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
+        raise CircuitsError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
 def check_positive(what: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        raise CircuitsError(f"{what} must be a positive integer, got {value!r}")
 
 
 def batches(model: Model, task: Task, ablation: str, batch_size: int, progress: bool = False) -> Iterator[Batch]:

@@ -283,9 +283,8 @@ ones counted as true) the table reads:
 
 
 def ground_truth_command() -> str:
-    from circuits.ground_truth.compile_tracr import COMMAND
-
-    return COMMAND
+    """The command that rebuilt the tracr models, as their truth.json records it."""
+    return ground_truth.load("tracr-reverse").script
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Compile the ACDC paper's two tracr programs and write them as ground-truth directories.
 
-Needs tracr (``pip install circuits[tracr]``: jax, haiku) besides this package's own requirements;
+Needs tracr (``pip install -e ".[tracr]"``: jax, haiku) besides this package's own requirements;
 nothing else in ``circuits`` does. From the repository root:
 
-    PYTHONPATH=. /work/tracr-venv/bin/python -m circuits.ground_truth.compile_tracr
+    python scripts/compile_tracr.py
 
 writes ``circuits/ground_truth/data/tracr-reverse/`` and ``tracr-proportion/`` (``config.json``,
 ``model.safetensors``, ``task.json``, ``truth.json``). The settings follow the ACDC paper
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_write_text
-from .tracr import edge_effects, from_tracr, native_from_tracr, weight_edges
+from circuits.ground_truth import DATA
+from circuits.ground_truth.tracr import edge_effects, from_tracr, native_from_tracr, weight_edges
+from circuits.io import atomic_write_text
 
-DATA = Path(__file__).resolve().parent / "data"
-COMMAND = "PYTHONPATH=. /work/tracr-venv/bin/python -m circuits.ground_truth.compile_tracr"
+COMMAND = "python scripts/compile_tracr.py"  # in an environment with the tracr extra (jax)
 SEED = 0
 INERT_TOLERANCE = 1e-3
 NUMERIC_TOLERANCE = 1e-3

@@ -19,6 +19,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from .errors import CircuitsError
+
 VOCAB = 61
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4)
 
@@ -39,7 +41,7 @@ ARCHITECTURES = sorted(CONFIGS)
 def tiny_hf(name: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random HF causal LM of architecture ``name`` (one of ``ARCHITECTURES``)."""
     if name not in CONFIGS:
-        raise ValueError(f"unknown tiny architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
+        raise CircuitsError(f"unknown tiny architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
     torch.manual_seed(seed)
     config = CONFIGS[name]()
     config.initializer_range = 0.3
@@ -104,7 +106,7 @@ def tiny_native(name: str, seed: int = 0) -> torch.nn.Module:
     from .native import NativeConfig, NativeTransformer
 
     if name not in NATIVE_CONFIGS:
-        raise ValueError(f"unknown tiny native model {name!r}; choose from {', '.join(NATIVE_ARCHITECTURES)}")
+        raise CircuitsError(f"unknown tiny native model {name!r}; choose from {', '.join(NATIVE_ARCHITECTURES)}")
     options = dict(vocab_size=VOCAB, n_layers=3, d_model=32, n_heads=4, d_head=8) | NATIVE_CONFIGS[name]
     config = NativeConfig(**options)
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""How the bundled SmolLM2-135M does on every catalogue task: ``python -m tasks.baselines``.
+"""How the bundled SmolLM2-135M does on every catalogue task: ``python scripts/baselines.py``.
 
 Writes ``results/baselines.csv`` (task, n, clean_metric, corrupted_metric, accuracy, chance,
 near_chance) and prints it. ``chance`` is the accuracy of random logits: per example, the chance that the
@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 import circuits
-import tasks
+from circuits import tasks
 from circuits.io import atomic_write_text
 
-OUTPUT = Path("results/baselines.csv")
+OUTPUT = Path(__file__).resolve().parent.parent / "results" / "baselines.csv"
 NEAR_CHANCE = 0.1
 
 

@@ -1,7 +1,7 @@
 """Train a 2-layer attention-only transformer to do induction, and establish its circuit by exact patching.
 
-    .venv/bin/python -m circuits.ground_truth.train_induction            # train (a few minutes), analyse, save
-    .venv/bin/python -m circuits.ground_truth.train_induction --analyse  # redo the analysis of the saved model
+    python scripts/train_induction.py            # train (a few minutes), analyse, save
+    python scripts/train_induction.py --analyse  # redo the analysis of the saved model
 
 Training data: ``BOS, r filler tokens, x_1 ... x_n, x_1 ... x_n`` with ``n`` drawn from
 ``[MIN_REPEAT, MAX_REPEAT]`` per sequence and ``r = SEQ_LEN - 1 - 2n`` (every sequence is
@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import Model, Task, attribute
-from ..io import atomic_write_text
-from ..native import NativeConfig, NativeTransformer
-from . import DATA, task_to_json
+from circuits import Model, Task, attribute
+from circuits.ground_truth import DATA, task_to_json
+from circuits.io import atomic_write_text
+from circuits.native import NativeConfig, NativeTransformer
 
 NAME = "induction-2l"
-COMMAND = ".venv/bin/python -m circuits.ground_truth.train_induction"
+COMMAND = "python scripts/train_induction.py"
 VOCAB = 64  # token 0 is BOS
 BOS = 0
 SEQ_LEN = 32
