@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from circuits.task import Task
 from circuits.errors import CircuitsError
+from circuits.task import Task
 
 from . import capitals, docstring, gendered_pronoun, greater_than, induction, ioi, sva
 

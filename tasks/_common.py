@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from circuits.task import Task
 from circuits.errors import CircuitsError
+from circuits.task import Task
 
 Answer = str | list[str]
 
