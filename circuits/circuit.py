@@ -5,15 +5,18 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 
 from . import export
 from .errors import CircuitsError
 from .graph import Graph
 from .task import REFERENCE_METRICS
+
+if TYPE_CHECKING:
+    import networkx as nx
+    import pandas as pd
 
 
 class Scores:
@@ -47,19 +50,10 @@ class Scores:
     def to_frame(self) -> pd.DataFrame:
         """One row per edge: edge, src, dst, qkv, score (node level: node, score)."""
         if self.level == "node":
+            import pandas as pd
+
             return pd.DataFrame({"node": self.graph.sources, "score": self.tensor.tolist()})
-        rows, cols = self.graph.real.nonzero(as_tuple=True)
-        sources = [self.graph.sources[i] for i in rows.tolist()]
-        destinations = [self.graph.destinations[j] for j in cols.tolist()]
-        return pd.DataFrame(
-            {
-                "edge": self.graph.edges,
-                "src": sources,
-                "dst": destinations,
-                "qkv": [d[-2] if d.endswith(">") else None for d in destinations],
-                "score": self.tensor[rows, cols].tolist(),
-            }
-        )
+        return export.edge_frame(self.graph, self.graph.real, self.tensor)
 
     def top_edges(self, n: int, absolute: bool = True) -> list[str]:
         """The names of the ``n`` best-scoring edges (by |score| unless ``absolute=False``)."""
@@ -130,16 +124,13 @@ class Circuit:
     @property
     def edges(self) -> list[str]:
         rows, cols = self.mask.nonzero(as_tuple=True)
-        return [
-            f"{self.graph.sources[i]}->{self.graph.destinations[j]}"
-            for i, j in zip(rows.tolist(), cols.tolist(), strict=True)
-        ]
+        sources, destinations = self.graph.sources, self.graph.destinations
+        return [f"{sources[i]}->{destinations[j]}" for i, j in zip(rows.tolist(), cols.tolist(), strict=True)]
 
     @property
     def nodes(self) -> list[str]:
         """Source nodes with an edge in the circuit, then ``logits`` if it is reached."""
-        sources = [self.graph.sources[i] for i in self.mask.any(1).nonzero().flatten().tolist()]
-        return sources + (["logits"] if self.mask[:, -1].any() else [])
+        return self.graph.nodes_of(self.mask)
 
     def edge_mask(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
         """The circuit as an engine edge mask: 1 on its edges, 0 elsewhere."""
@@ -156,13 +147,14 @@ class Circuit:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> Circuit:
         """Read a circuit JSON file (ours, EAP-IG's or MIB's); with ``model``, checked against its graph."""
-        return export.load(path, model)
+        graph, mask, scores, meta = export.load(path, None if model is None else model.graph)
+        return cls(graph, mask, scores=scores, meta=meta)
 
     def to_mib_json(self, path: str | Path) -> Path:
         """Like ``save``, with each GQA k/v edge repeated for every query head of its group (MIB naming)."""
         return export.save(self, path, expand_gqa=True)
 
-    def to_networkx(self):
+    def to_networkx(self) -> nx.DiGraph:
         return export.to_networkx(self)
 
     def to_graphml(self, path: str | Path) -> Path:
@@ -172,7 +164,8 @@ class Circuit:
         return export.to_dot(self)
 
     def to_frame(self) -> pd.DataFrame:
-        return export.to_frame(self)
+        """One row per circuit edge: edge, src, dst, qkv, score."""
+        return export.edge_frame(self.graph, self.mask, self.scores)
 
     def plot(self, path_or_ax=None, **kwargs):
         """A layered figure of the circuit (see ``circuits.plot.plot_circuit``); file type from the extension."""

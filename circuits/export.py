@@ -12,13 +12,10 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import re
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-import networkx as nx
-import pandas as pd
 import torch
 
 from .errors import CircuitsError
@@ -26,31 +23,40 @@ from .graph import Graph
 from .io import atomic_write_text
 
 if TYPE_CHECKING:
-    from .circuit import Circuit
-    from .model import Model
+    import networkx as nx
+    import pandas as pd
 
 FORMAT = "circuits/eap-ig-json"
+DISTRIBUTION = "circuits-discovery"  # the installed distribution's name (the import name is circuits)
+
+
+class EdgeSet(Protocol):
+    """What the writers read of a circuit: an edge mask over a graph, optional scores and metadata."""
+
+    graph: Graph
+    mask: torch.Tensor  # bool [n_src, n_dst]
+    scores: torch.Tensor | None  # float [n_src, n_dst]
+    meta: dict
+
+
+class CircuitData(NamedTuple):
+    """What a circuit file holds, as the dense tensors ``circuits.Circuit`` is built from."""
+
+    graph: Graph
+    mask: torch.Tensor
+    scores: torch.Tensor | None
+    meta: dict
 
 
 def node_attributes(graph: Graph, name: str) -> dict[str, Any]:
     """``layer``, ``kind`` (input/attn/mlp/logits) and ``head`` of a node or destination name."""
-    if name == "input":
-        return {"layer": -1, "kind": "input", "head": None}
-    if name == "logits":
-        return {"layer": graph.n_layers, "kind": "logits", "head": None}
-    match = re.fullmatch(r"a(\d+)\.h(\d+)(?:<([qkv])>)?", name)
-    if match:
-        return {"layer": int(match[1]), "kind": "attn", "head": int(match[2])}
-    return {"layer": int(name[1:]), "kind": "mlp", "head": None}
-
-
-def qkv_of(destination: str) -> str | None:
-    return destination[-2] if destination.endswith(">") else None
+    node = graph.node(name)
+    return {"layer": node.layer, "kind": node.kind, "head": node.head}
 
 
 def versions() -> dict[str, str]:
     found = {}
-    for package in ("circuits", "torch", "transformers"):
+    for package in (DISTRIBUTION, "torch", "transformers"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -58,7 +64,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def to_json_dict(circuit: Circuit, expand_gqa: bool = False) -> dict[str, Any]:
+def to_json_dict(circuit: EdgeSet, expand_gqa: bool = False) -> dict[str, Any]:
     graph = circuit.graph
     scores = circuit.scores
     cfg = {
@@ -67,22 +73,16 @@ def to_json_dict(circuit: Circuit, expand_gqa: bool = False) -> dict[str, Any]:
         "n_kv_heads": graph.n_kv_heads,
         "parallel_attn_mlp": graph.parallel,
     }
-    in_graph_nodes = set(circuit.nodes)
+    in_graph_nodes = set(graph.nodes_of(circuit.mask))
     nodes = {name: {"in_graph": name in in_graph_nodes} for name in [*graph.sources, "logits"]}
     edges = {}
     rows, cols = graph.real.nonzero(as_tuple=True)
-    group = graph.n_heads // graph.n_kv_heads
     for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
         score = None if scores is None or math.isnan(float(scores[i, j])) else float(scores[i, j])
         entry = {"score": score, "in_graph": bool(circuit.mask[i, j])}
-        source, destination = graph.sources[i], graph.destinations[j]
-        kind = qkv_of(destination)
-        if expand_gqa and kind in ("k", "v") and group > 1:
-            layer, kv_head = re.fullmatch(r"a(\d+)\.h(\d+)<[kv]>", destination).groups()
-            for head in range(int(kv_head) * group, (int(kv_head) + 1) * group):
-                edges[f"{source}->a{layer}.h{head}<{kind}>"] = dict(entry)
-        else:
-            edges[f"{source}->{destination}"] = entry
+        names = graph.ungrouped_names(j) if expand_gqa else [graph.destinations[j]]
+        for destination in names:
+            edges[f"{graph.sources[i]}->{destination}"] = dict(entry)
     meta = {"format": FORMAT, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "versions": versions()}
     meta.update({k: v for k, v in circuit.meta.items() if _jsonable(v)})
     return {"cfg": cfg, "nodes": nodes, "edges": edges, "meta": meta}
@@ -96,14 +96,12 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def save(circuit: Circuit, path: str | Path, expand_gqa: bool = False) -> Path:
+def save(circuit: EdgeSet, path: str | Path, expand_gqa: bool = False) -> Path:
     return atomic_write_text(path, json.dumps(to_json_dict(circuit, expand_gqa), indent=1))
 
 
-def load(path: str | Path, model: Model | None = None) -> Circuit:
-    """Read a circuit JSON file; with ``model``, check it against the model's graph."""
-    from .circuit import Circuit
-
+def load(path: str | Path, graph: Graph | None = None) -> CircuitData:
+    """Read a circuit JSON file (ours, EAP-IG's or MIB's); with ``graph``, check it against that graph."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -113,11 +111,15 @@ def load(path: str | Path, model: Model | None = None) -> Circuit:
         raise CircuitsError(f"{path} is not a valid circuit JSON file: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("cfg"), dict) or not isinstance(data.get("edges"), dict):
         raise CircuitsError(f"{path} is not a circuit file: it needs 'cfg' and 'edges' objects")
-    graph = _graph_for(data["cfg"], model, path)
+    graph = _graph_for(data["cfg"], graph, path)
     mask = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
     scores = torch.full((graph.n_src, graph.n_dst), float("nan"))
+    # MIB's ungrouped layout names a grouped-query model's k/v inputs per query head: a file is in it
+    # when some destination is not one of ours (a head index past the key/value heads).
+    destinations = {name.partition("->")[2] for name in data["edges"]}
+    ungrouped = graph.group_size > 1 and not destinations <= set(graph.destinations)
     for name, entry in data["edges"].items():
-        i, j = _edge_index(graph, name, path)
+        i, j = _edge_index(graph, name, path, ungrouped)
         if not isinstance(entry, dict):
             raise CircuitsError(f"{path}: edge {name!r} must map to an object with 'score' and 'in_graph'")
         mask[i, j] |= bool(entry.get("in_graph", False))
@@ -133,10 +135,10 @@ def load(path: str | Path, model: Model | None = None) -> Circuit:
             except ValueError:
                 raise CircuitsError(f"{path}: unknown node {name!r} for this model's graph ({graph!r})") from None
     has_scores = bool((~scores.isnan()).any())
-    return Circuit(graph, mask, scores=scores if has_scores else None, meta=data.get("meta", {}))
+    return CircuitData(graph, mask, scores if has_scores else None, data.get("meta", {}))
 
 
-def _graph_for(cfg: dict, model: Model | None, path: Path) -> Graph:
+def _graph_for(cfg: dict, ours: Graph | None, path: Path) -> Graph:
     try:
         n_layers, n_heads = int(cfg["n_layers"]), int(cfg["n_heads"])
         n_kv_heads = int(cfg.get("n_kv_heads") or cfg.get("n_key_value_heads") or n_heads)
@@ -144,8 +146,7 @@ def _graph_for(cfg: dict, model: Model | None, path: Path) -> Graph:
         graph = Graph(n_layers, n_heads, n_kv_heads, parallel)
     except (KeyError, TypeError, ValueError) as error:
         raise CircuitsError(f"{path}: bad 'cfg' ({error}); it needs n_layers and n_heads") from None
-    if model is not None:
-        ours = model.graph
+    if ours is not None:
         if (ours.n_layers, ours.n_heads, ours.parallel) != (graph.n_layers, graph.n_heads, graph.parallel) or (
             "n_kv_heads" in cfg and ours.n_kv_heads != graph.n_kv_heads
         ):
@@ -154,19 +155,14 @@ def _graph_for(cfg: dict, model: Model | None, path: Path) -> Graph:
     return graph
 
 
-def _edge_index(graph: Graph, name: str, path: Path) -> tuple[int, int]:
-    """Index of an edge name; MIB's per-query-head k/v names map to their key/value head."""
-    match = re.fullmatch(r"(.+)->a(\d+)\.h(\d+)<([kv])>", name)
-    if match and int(match[3]) >= graph.n_kv_heads and int(match[3]) < graph.n_heads:
-        group = graph.n_heads // graph.n_kv_heads
-        name = f"{match[1]}->a{match[2]}.h{int(match[3]) // group}<{match[4]}>"
+def _edge_index(graph: Graph, name: str, path: Path, ungrouped: bool) -> tuple[int, int]:
     try:
-        return graph.index(name)
+        return graph.index(name, ungrouped)
     except ValueError as error:
         raise CircuitsError(f"{path}: unknown edge {name!r} for this graph: {error}") from None
 
 
-def to_networkx(circuit: Circuit) -> nx.DiGraph:
+def to_networkx(circuit: EdgeSet) -> nx.DiGraph:
     """The circuit as a DiGraph.
 
     Nodes: the source nodes (``input``, heads, MLPs), each attention input the circuit uses
@@ -175,14 +171,16 @@ def to_networkx(circuit: Circuit) -> nx.DiGraph:
     attention input is linked to the head(s) it feeds by an edge with ``internal=True``, so that
     paths through the network follow the computation.
     """
+    import networkx as nx
+
     graph = circuit.graph
     digraph = nx.DiGraph()
-    for node in circuit.nodes:
+    for node in graph.nodes_of(circuit.mask):
         digraph.add_node(node, **node_attributes(graph, node))
     rows, cols = circuit.mask.nonzero(as_tuple=True)
     for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
         source, destination = graph.sources[i], graph.destinations[j]
-        kind = qkv_of(destination)
+        kind = graph.destination_nodes[j].qkv
         score = None if circuit.scores is None else float(circuit.scores[i, j])
         if source not in digraph:
             digraph.add_node(source, **node_attributes(graph, source))
@@ -192,14 +190,16 @@ def to_networkx(circuit: Circuit) -> nx.DiGraph:
             continue
         digraph.add_node(destination, **node_attributes(graph, destination), qkv=kind)
         digraph.add_edge(source, destination, score=score, qkv=kind, internal=False)
-        for head in graph.feeds[j].nonzero().flatten().tolist():
+        for head in graph.fed_nodes(j):
             digraph.add_node(graph.sources[head], **node_attributes(graph, graph.sources[head]))
             digraph.add_edge(destination, graph.sources[head], score=None, qkv=kind, internal=True)
     return digraph
 
 
-def to_graphml(circuit: Circuit, path: str | Path) -> Path:
+def to_graphml(circuit: EdgeSet, path: str | Path) -> Path:
     """GraphML of ``to_networkx`` (None attributes written as empty strings, as GraphML needs)."""
+    import networkx as nx
+
     digraph = to_networkx(circuit)
     for _, data in digraph.nodes(data=True):
         for key, value in data.items():
@@ -210,19 +210,19 @@ def to_graphml(circuit: Circuit, path: str | Path) -> Path:
     return atomic_write_text(path, "\n".join(nx.generate_graphml(digraph)) + "\n")
 
 
-def to_dot(circuit: Circuit) -> str:
+def to_dot(circuit: EdgeSet) -> str:
     """DOT text: one node per source node and ``logits``; q/k/v edges coloured, width by |score|."""
     graph = circuit.graph
     colours = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", None: "#555555"}
     scores = circuit.scores
-    largest = float(scores[circuit.mask].abs().max()) if scores is not None and len(circuit) else 1.0
+    largest = float(scores[circuit.mask].abs().max()) if scores is not None and circuit.mask.any() else 1.0
     lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, fontsize=10, fontname="Helvetica"];']
-    lines += [f'  "{node}";' for node in circuit.nodes]
+    lines += [f'  "{node}";' for node in graph.nodes_of(circuit.mask)]
     rows, cols = circuit.mask.nonzero(as_tuple=True)
     for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
         destination = graph.destinations[j]
-        kind = qkv_of(destination)
-        fed = graph.feeds[j].nonzero().flatten().tolist()  # a GQA k/v input feeds its group's heads
+        kind = graph.destination_nodes[j].qkv
+        fed = graph.fed_nodes(j)  # a GQA k/v input feeds its group's heads
         targets = [graph.sources[head] for head in fed] if kind else [destination]
         attributes = [f'color="{colours[kind]}"']
         if kind:
@@ -237,20 +237,19 @@ def to_dot(circuit: Circuit) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_frame(circuit: Circuit) -> pd.DataFrame:
-    """One row per circuit edge: edge, src, dst, qkv, score."""
-    graph = circuit.graph
-    rows, cols = circuit.mask.nonzero(as_tuple=True)
+def edge_frame(graph: Graph, mask: torch.Tensor, scores: torch.Tensor | None) -> pd.DataFrame:
+    """One row per edge of ``mask``, in ``graph.edges`` order: edge, src, dst, qkv, score (NaN without scores)."""
+    import pandas as pd
+
+    rows, cols = mask.nonzero(as_tuple=True)
+    sources = [graph.sources[i] for i in rows.tolist()]
     destinations = [graph.destinations[j] for j in cols.tolist()]
     return pd.DataFrame(
         {
-            "edge": circuit.edges,
-            "src": [graph.sources[i] for i in rows.tolist()],
+            "edge": [f"{s}->{d}" for s, d in zip(sources, destinations, strict=True)],
+            "src": sources,
             "dst": destinations,
-            "qkv": [qkv_of(d) for d in destinations],
-            "score": [
-                float("nan") if circuit.scores is None else float(circuit.scores[i, j])
-                for i, j in zip(rows.tolist(), cols.tolist(), strict=True)
-            ],
+            "qkv": [graph.destination_nodes[j].qkv for j in cols.tolist()],
+            "score": (torch.full((len(rows),), float("nan")) if scores is None else scores[rows, cols]).tolist(),
         }
     )

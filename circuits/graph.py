@@ -12,10 +12,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 import torch
 
 from .errors import CircuitsError
+
+NodeKind = Literal["input", "attn", "mlp", "logits"]
+
+
+@dataclass(frozen=True)
+class Node:
+    """What a node or destination name stands for: the one place names are interpreted.
+
+    ``layer`` is -1 for ``input`` and ``n_layers`` for ``logits``; ``head`` is the query head of a
+    head and its ``<q>``, the key/value head of a ``<k>``/``<v>``, None otherwise; ``qkv`` is
+    ``"q"``, ``"k"`` or ``"v"`` for attention inputs, None otherwise.
+    """
+
+    name: str
+    kind: NodeKind
+    layer: int
+    head: int | None = None
+    qkv: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,19 +67,21 @@ class Graph:
             )
         self.n_layers, self.n_heads, self.n_kv_heads, self.parallel = n_layers, n_heads, n_kv_heads, parallel
 
-        sources, destinations, reads, layers = ["input"], [], [], []
+        sources: list[Node] = [Node("input", "input", -1)]
+        destinations: list[Node] = []
+        reads, layers = [], []
         for layer in range(n_layers):
             head_start, dst_start = len(sources), len(destinations)
-            sources += [f"a{layer}.h{h}" for h in range(n_heads)]
-            destinations += [f"a{layer}.h{h}<q>" for h in range(n_heads)]
-            destinations += [f"a{layer}.h{g}<k>" for g in range(n_kv_heads)]
-            destinations += [f"a{layer}.h{g}<v>" for g in range(n_kv_heads)]
+            sources += [Node(f"a{layer}.h{h}", "attn", layer, h) for h in range(n_heads)]
+            destinations += [Node(f"a{layer}.h{h}<q>", "attn", layer, h, "q") for h in range(n_heads)]
+            destinations += [Node(f"a{layer}.h{g}<k>", "attn", layer, g, "k") for g in range(n_kv_heads)]
+            destinations += [Node(f"a{layer}.h{g}<v>", "attn", layer, g, "v") for g in range(n_kv_heads)]
             attention_reads = head_start
             mlp_reads = head_start if parallel else head_start + n_heads
             reads += [attention_reads] * (n_heads + 2 * n_kv_heads)
-            destinations.append(f"m{layer}")
+            destinations.append(Node(f"m{layer}", "mlp", layer))
             reads.append(mlp_reads)
-            sources.append(f"m{layer}")
+            sources.append(Node(f"m{layer}", "mlp", layer))
             layers.append(
                 LayerSlots(
                     layer=layer,
@@ -72,15 +93,17 @@ class Graph:
                     mlp_reads=mlp_reads,
                 )
             )
-        destinations.append("logits")
+        destinations.append(Node("logits", "logits", n_layers))
         reads.append(len(sources))
 
-        self.sources: list[str] = sources
-        self.destinations: list[str] = destinations
+        self.source_nodes, self.destination_nodes = sources, destinations
+        self.sources: list[str] = [node.name for node in sources]
+        self.destinations: list[str] = [node.name for node in destinations]
         self.layers: list[LayerSlots] = layers
         self.n_inputs = torch.tensor(reads)  # per destination: how many sources it reads
-        self._source_index = {name: i for i, name in enumerate(sources)}
-        self._destination_index = {name: j for j, name in enumerate(destinations)}
+        self._source_index = {name: i for i, name in enumerate(self.sources)}
+        self._destination_index = {name: j for j, name in enumerate(self.destinations)}
+        self._nodes = {node.name: node for node in (*destinations, *sources)}
 
     @property
     def n_src(self) -> int:
@@ -104,10 +127,52 @@ class Graph:
     @cached_property
     def destination_layers(self) -> torch.Tensor:
         """Per destination, the layer that reads it (``n_layers`` for ``logits``)."""
-        layers = torch.full((self.n_dst,), self.n_layers, dtype=torch.long)
-        for slots in self.layers:
-            layers[slots.attention_destinations.start : slots.mlp_destination + 1] = slots.layer
-        return layers
+        return torch.tensor([node.layer for node in self.destination_nodes])
+
+    def node(self, name: str) -> Node:
+        """The facts of a source node or destination name (``"a3.h1"``, ``"a3.h0<k>"``, ``"m2"``, ``"logits"``)."""
+        try:
+            return self._nodes[name]
+        except KeyError:
+            raise CircuitsError(
+                f"unknown node {name!r}; nodes look like 'input', 'a0.h3', 'a1.h0<q>', 'm2', 'logits'"
+            ) from None
+
+    def destination_layer(self, destination: int) -> int:
+        """The layer whose computation reads ``destination`` (``n_layers`` for the logits)."""
+        return self.destination_nodes[destination].layer
+
+    def first_reader_layer(self, source: int) -> int:
+        """The earliest layer in which some destination reads ``source``."""
+        return self.destination_layer(int(self.real[source].nonzero()[0]))
+
+    def fed_nodes(self, destination: int) -> list[int]:
+        """The source indices of the nodes a destination feeds: its head or MLP, every query head of
+        its group for a key/value input, none for the logits."""
+        return self.feeds[destination].nonzero().flatten().tolist()
+
+    def nodes_of(self, mask: torch.Tensor) -> list[str]:
+        """Source nodes with an edge in ``mask`` (boolean ``[n_src, n_dst]``), then ``logits`` if it is reached."""
+        sources = [self.sources[i] for i in mask.any(1).nonzero().flatten().tolist()]
+        return sources + (["logits"] if mask[:, -1].any() else [])
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def ungrouped_names(self, destination: int) -> list[str]:
+        """A destination's names in MIB's ungrouped layout: a key/value input of a grouped-query model once
+        per query head of its group (``a2.h0<k>`` -> ``a2.h0<k>``, ``a2.h1<k>``, ...); others their own name."""
+        node = self.destination_nodes[destination]
+        if node.qkv not in ("k", "v") or self.group_size == 1:
+            return [node.name]
+        heads = range(node.head * self.group_size, (node.head + 1) * self.group_size)
+        return [f"a{node.layer}.h{head}<{node.qkv}>" for head in heads]
+
+    @cached_property
+    def _ungrouped_index(self) -> dict[str, int]:
+        return {name: j for j in range(self.n_dst) for name in self.ungrouped_names(j)}
 
     @cached_property
     def feeds(self) -> torch.Tensor:
@@ -142,12 +207,20 @@ class Graph:
                 f"unknown destination node {name!r}; destinations look like 'a1.h0<q>', 'a1.h0<k>', 'm2', 'logits'"
             ) from None
 
-    def index(self, edge: str) -> tuple[int, int]:
-        """``(source_index, destination_index)`` of an edge name such as ``a0.h1->m3``."""
+    def index(self, edge: str, ungrouped: bool = False) -> tuple[int, int]:
+        """``(source_index, destination_index)`` of an edge name such as ``a0.h1->m3``.
+
+        ``ungrouped=True`` reads key/value inputs by MIB's per-query-head names of a grouped-query model
+        (``a2.h5<k>``: the key/value head that query head 5 reads), as ``ungrouped_names`` writes them.
+        """
         src, sep, dst = edge.partition("->")
         if not sep:
             raise CircuitsError(f"edge {edge!r} is not of the form 'source->destination'")
-        i, j = self.source_index(src), self.destination_index(dst)
+        i = self.source_index(src)
+        if ungrouped and dst in self._ungrouped_index:
+            j = self._ungrouped_index[dst]
+        else:
+            j = self.destination_index(dst)
         if not self.real[i, j]:
             raise CircuitsError(
                 f"edge {edge!r} does not exist: {src} is computed after {dst} reads the residual stream"

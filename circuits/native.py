@@ -20,18 +20,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .errors import CircuitsError
-from .io import atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -260,17 +260,8 @@ class NativeTransformer(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        handle, temporary = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", suffix=".tmp", dir=directory)
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata={"format": "pt", "model_type": self.config.model_type})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-            os.replace(temporary, directory / WEIGHTS_FILE)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        metadata = {"format": "pt", "model_type": self.config.model_type}
+        atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_bytes(tensors, metadata=metadata))
         atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
         return directory
 

@@ -7,8 +7,6 @@ not registered with pyplot, so saving many in a loop leaves no figures open.
 from __future__ import annotations
 
 import os
-import re
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,15 +21,13 @@ from matplotlib.patches import PathPatch
 from matplotlib.path import Path as MplPath
 
 from .errors import CircuitsError
+from .io import atomic_write
 
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies); MLP/logits inputs neutral.
 EDGE_COLORS: dict[str, str] = {"q": "#0072B2", "k": "#E69F00", "v": "#009E73", "mlp": "#7A7A7A"}
 FORMATS: dict[str, str] = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 PNG_DPI = 200
 FRACTION_GRID = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)  # percent of edges
-
-_HEAD = re.compile(r"a(\d+)\.h(\d+)(?:<([qkv])>)?")
-_MLP = re.compile(r"m(\d+)")
 
 # Vertical positions in layer units: heads of layer L at y = L, its MLP half a layer above.
 _MLP_RISE = 0.5
@@ -42,10 +38,9 @@ _LOGITS_RISE = 0.8  # above the last MLP row
 _FONT = 6.0
 
 
-def edge_kind(destination: str) -> str:
+def edge_kind(graph: Any, destination: str) -> str:
     """``"q"``, ``"k"`` or ``"v"`` for an attention destination, ``"mlp"`` for an MLP input or ``logits``."""
-    match = _HEAD.fullmatch(destination)
-    return match.group(3) if match and match.group(3) else "mlp"
+    return graph.node(destination).qkv or "mlp"
 
 
 def plot_circuit(
@@ -100,7 +95,7 @@ def plot_circuit(
         scores = torch.nan_to_num(torch.as_tensor(circuit.scores).detach().float().cpu()[rows, cols]).tolist()
 
     positions = _positions(graph)
-    group = graph.n_heads // graph.n_kv_heads
+    group = graph.group_size
     _draw_background(ax, graph, positions)
 
     # Edges, weakest first so that the strongest end up on top.
@@ -111,11 +106,11 @@ def plot_circuit(
     for rank, e in enumerate(order):
         i, j = pairs[e]
         source, destination = graph.sources[i], graph.destinations[j]
-        kind = edge_kind(destination)
+        kind = edge_kind(graph, destination)
         end, node = _destination_point(graph, destination, positions)
         if node is None:
-            layer, kv_head = (int(x) for x in _HEAD.fullmatch(destination).groups()[:2])
-            groups.add((layer, kv_head))
+            facts = graph.node(destination)
+            groups.add((facts.layer, facts.head))
         else:
             ends.add(node)
         ends.add(source)
@@ -144,7 +139,7 @@ def plot_circuit(
         ax.plot([left, left, right, right], [y + 0.1, y, y, y + 0.1], color="#333333", lw=0.7, zorder=2.5)
         ax.plot([(left + right) / 2], [y], marker="o", ms=2.2, color="#333333", zorder=2.6)
     for name in ends:
-        _draw_node(ax, name, positions[name])
+        _draw_node(ax, graph.node(name).kind, name, positions[name])
 
     _decorate(ax, graph, positions)
     ax.legend(
@@ -231,34 +226,15 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     fmt = _format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = _temporary_file(path)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            # The temporary name's extension is not the format's, so the format is passed explicitly;
-            # no creation date and fixed SVG ids, so that the same figure gives the same bytes on every run.
-            metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
-            with matplotlib.rc_context({"svg.hashsalt": "circuits"}):
-                fig.savefig(stream, format=fmt, dpi=PNG_DPI, bbox_inches="tight", metadata=metadata)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
 
+    def write(stream) -> None:
+        # The temporary name's extension is not the format's, so the format is passed explicitly;
+        # no creation date and fixed SVG ids, so that the same figure gives the same bytes on every run.
+        metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+        with matplotlib.rc_context({"svg.hashsalt": "circuits"}):
+            fig.savefig(stream, format=fmt, dpi=PNG_DPI, bbox_inches="tight", metadata=metadata)
 
-def _temporary_file(path: Path) -> tuple[int, Path]:
-    """A new file beside ``path``, opened for writing with the usual permissions (umask applied, unlike mkstemp)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(temporary, flags, 0o666), temporary
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file beside {path}")
+    return atomic_write(path, write)
 
 
 def _format(path: Path) -> str:
@@ -303,13 +279,11 @@ def _positions(graph: Any) -> dict[str, tuple[float, float]]:
     mlp_x = graph.n_heads - 1 + _MLP_SHIFT
     centre = mlp_x / 2
     positions = {"input": (centre, _INPUT_Y), "logits": (centre, graph.n_layers - 1 + _MLP_RISE + _LOGITS_RISE)}
-    for name in graph.sources:
-        head = _HEAD.fullmatch(name)
-        mlp = _MLP.fullmatch(name)
-        if head:
-            positions[name] = (float(head.group(2)), float(head.group(1)))
-        elif mlp:
-            positions[name] = (mlp_x, int(mlp.group(1)) + _MLP_RISE)
+    for node in graph.source_nodes:
+        if node.kind == "attn":
+            positions[node.name] = (float(node.head), float(node.layer))
+        elif node.kind == "mlp":
+            positions[node.name] = (mlp_x, node.layer + _MLP_RISE)
     return positions
 
 
@@ -317,15 +291,14 @@ def _destination_point(
     graph: Any, destination: str, positions: dict[str, tuple[float, float]]
 ) -> tuple[tuple[float, float], str | None]:
     """Where an edge into ``destination`` ends, and the node drawn there (None for a key/value group marker)."""
-    match = _HEAD.fullmatch(destination)
-    if match is None:  # an MLP input or logits: the node itself
+    node = graph.node(destination)
+    if node.qkv is None:  # an MLP input or logits: the node itself
         return positions[destination], destination
-    layer, head, kind = int(match.group(1)), int(match.group(2)), match.group(3)
-    group = graph.n_heads // graph.n_kv_heads
-    if kind == "q" or group == 1:
-        name = f"a{layer}.h{head}"
+    group = graph.group_size
+    if node.qkv == "q" or group == 1:
+        name = graph.sources[graph.fed_nodes(graph.destination_index(destination))[0]]
         return positions[name], name
-    return ((head * group + (head + 1) * group - 1) / 2, layer - _GROUP_DROP), None
+    return ((node.head * group + (node.head + 1) * group - 1) / 2, node.layer - _GROUP_DROP), None
 
 
 def _curve(start: tuple[float, float], end: tuple[float, float], bend: int) -> MplPath:
@@ -345,12 +318,12 @@ def _draw_background(ax: Axes, graph: Any, positions: dict[str, tuple[float, flo
     ax.scatter(xs, ys, s=5, color="#C8C8C8", lw=0, zorder=0.5)
 
 
-def _draw_node(ax: Axes, name: str, position: tuple[float, float]) -> None:
+def _draw_node(ax: Axes, kind: str, name: str, position: tuple[float, float]) -> None:
     """A labelled box for a node that an edge of the circuit starts or ends at."""
     face = "#FFFFFF"
-    if name in ("input", "logits"):
+    if kind in ("input", "logits"):
         face = "#D9D9D9"
-    elif _MLP.fullmatch(name):
+    elif kind == "mlp":
         face = "#EDEDED"
     ax.text(
         *position,

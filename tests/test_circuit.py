@@ -142,6 +142,17 @@ def test_mib_json_repeats_gqa_key_value_edges_per_query_head_and_loads_back(tmp_
     assert set(circuits.Circuit.load(tmp_path / "mib.json").edges) == set(circuit.edges)
 
 
+def test_mib_json_of_a_gqa_model_reads_every_query_heads_key_value_name_as_its_own_group(tmp_path):
+    # kv head 0 in the circuit, kv head 1 not, with different scores: query head 1's name (a1.h1<k>)
+    # belongs to kv head 0, though a1.h1<k> is also the grouped name of kv head 1
+    graph = circuits.Graph(2, 4, 2)
+    scores = torch.arange(graph.n_src * graph.n_dst, dtype=torch.float32).view(graph.n_src, graph.n_dst)
+    circuit = circuit_of(graph, ["input->a1.h0<k>", "a1.h0->logits"], scores=scores)
+    back = circuits.Circuit.load(circuit.to_mib_json(tmp_path / "mib.json"))
+    assert back.edges == circuit.edges
+    assert torch.equal(back.scores[graph.real], scores[graph.real])
+
+
 def test_a_hand_written_eap_ig_file_for_a_gpt2_shaped_graph_loads(tmp_path):
     graph = circuits.Graph(12, 12)
     edges = {name: {"score": 0.0, "in_graph": False} for name in graph.edges}

@@ -104,7 +104,7 @@ def test_eap_converges_to_exact_as_the_corruption_shrinks(arch, task):
         for i, j in edges:
             edge_mask = torch.ones(graph.n_src, graph.n_dst, dtype=torch.float64)
             edge_mask[i, j] = 0
-            layer = circuits.methods.exact.destination_layer(graph, j)
+            layer = graph.destination_layer(j)
             value = metric_values("logit_diff", cache.run(edge_mask, layer), tokens).sum() / len(tokens)
             exact.append(float(value - base))
             approx.append(float(eap[i, j]))

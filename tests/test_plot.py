@@ -105,10 +105,10 @@ def test_plot_circuit_draws_into_given_axes(graph):
 
 def test_edges_get_one_colour_per_kind_of_destination(graph):
     colours = {edge: to_hex(p.get_edgecolor()) for edge, p in edge_patches(plot_circuit(make_circuit(graph))).items()}
-    kinds = {edge_kind(edge.split("->")[1]) for edge in EDGES}
+    kinds = {edge_kind(graph, edge.split("->")[1]) for edge in EDGES}
     assert kinds == {"q", "k", "v", "mlp"}
     for edge, colour in colours.items():
-        assert colour == to_hex(EDGE_COLORS[edge_kind(edge.split("->")[1])]), edge
+        assert colour == to_hex(EDGE_COLORS[edge_kind(graph, edge.split("->")[1])]), edge
     assert len({to_hex(EDGE_COLORS[k]) for k in kinds}) == 4
 
 

@@ -36,7 +36,6 @@ from ..io import atomic_write_text
 from ..model import Model
 from ..task import METRICS, Task, metric_values
 from .common import ABLATIONS, batches, check_choice, check_positive
-from .exact import destination_layer
 
 CHECKPOINT_VERSION = 1
 
@@ -48,12 +47,6 @@ def destination_order(graph: Graph) -> list[int]:
         order.append(slots.mlp_destination)
         order.extend(reversed(range(slots.attention_destinations.start, slots.attention_destinations.stop)))
     return order
-
-
-def destination_nodes(graph: Graph, destination: int) -> list[int]:
-    """The source indices of the nodes a destination feeds: its head or MLP, every query head of
-    its group for a key/value input, none for the logits."""
-    return graph.feeds[destination].nonzero().flatten().tolist()
 
 
 def acdc(
@@ -103,8 +96,8 @@ def acdc(
     bar = tqdm(total=len(order), initial=state["next"], desc="ACDC destinations", disable=not progress)
     for position in range(state["next"], len(order)):
         destination = order[position]
-        layer = destination_layer(graph, destination)
-        nodes = destination_nodes(graph, destination)
+        layer = graph.destination_layer(destination)
+        nodes = graph.fed_nodes(destination)
         incoming = kept[:, destination].nonzero().flatten().tolist()[::-1]
         if nodes and not kept[nodes].any():
             kept[:, destination] = False

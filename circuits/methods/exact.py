@@ -12,21 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import PrefixCache
-from ..graph import Graph
 from ..model import Model
 from ..task import Task
 from .common import batches, metric_sum
-
-
-def destination_layer(graph: Graph, destination: int) -> int:
-    """The layer whose computation reads ``destination`` (``n_layers`` for the logits)."""
-    return int(graph.destination_layers[destination])
-
-
-def first_reader_layer(graph: Graph, source: int) -> int:
-    """The earliest layer in which some destination reads ``source``."""
-    readers = graph.real[source].nonzero().flatten()
-    return destination_layer(graph, int(readers[0]))
 
 
 def exact_scores(
@@ -39,7 +27,7 @@ def exact_scores(
         layers = graph.destination_layers[cols].tolist()
         units = [(layer, (i, j)) for layer, i, j in zip(layers, rows.tolist(), cols.tolist(), strict=True)]
     else:
-        units = [(first_reader_layer(graph, i), (i, None)) for i in range(graph.n_src)]
+        units = [(graph.first_reader_layer(i), (i, None)) for i in range(graph.n_src)]
     by_layer: dict[int, list[tuple[int, int | None]]] = {}
     for layer, unit in units:
         by_layer.setdefault(layer, []).append(unit)
