@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .methods import ABLATIONS, METHODS
-from .pipeline import SELECTIONS
+from .choices import ABLATIONS, METHODS, METRICS, SELECTIONS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--select", default="signed", choices=SELECTIONS, help="how the top edges are chosen")
     discover.add_argument("--acdc", action="store_true", help="refine the method's best candidates with ACDC")
     discover.add_argument("--threshold", type=_non_negative, default=0.01, help="ACDC threshold on --acdc-metric")
-    discover.add_argument(
-        "--acdc-metric", default="kl", choices=("kl", "logit_diff", "prob_diff"), help="what ACDC's threshold bounds"
-    )
+    discover.add_argument("--acdc-metric", default="kl", choices=METRICS, help="what ACDC's threshold bounds")
     discover.add_argument(
         "--candidates", type=_positive, default=500, help="edges ACDC starts from (the method's best, by --select)"
     )
@@ -120,7 +117,7 @@ def _task_options(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--task-file", type=Path, help="your own task: JSONL with clean, corrupted, answers, ...")
     parser.add_argument("--n", type=_positive, default=None, help="examples (catalogue default 64; file: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the catalogue task's examples")
-    parser.add_argument("--metric", default="logit_diff", choices=("logit_diff", "prob_diff", "kl"))
+    parser.add_argument("--metric", default="logit_diff", choices=METRICS)
 
 
 def _positive(text: str) -> int:

@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .choices import ABLATIONS, check_choice, check_positive
 from .circuit import Circuit, Scores, edge_mask_from, prune, top_n_mask
 from .engine import patched_forward
 from .errors import CircuitsError
-from .methods.common import ABLATIONS, batches, check_choice, check_positive
+from .methods.common import batches
 from .model import Model
 from .task import Task, correct, metric_values
 

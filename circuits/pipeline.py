@@ -16,17 +16,16 @@ from typing import Any
 
 import pandas as pd
 
+from .choices import SELECTIONS, check_choice, check_positive
 from .circuit import Circuit, Scores, greedy_mask, select
 from .errors import CircuitsError
 from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve, helpful_direction, masked_metrics
 from .export import versions
 from .io import atomic_write_text
 from .methods import acdc, attribute
-from .methods.common import check_choice, check_positive
 from .model import Model
 from .task import Task
 
-SELECTIONS = ("signed", "absolute", "greedy")
 FILES = ("circuit.json", "scores.csv", "circuit.png", "circuit.pdf", "faithfulness.png", "summary.json", "summary.md")
 
 

@@ -15,7 +15,7 @@ from circuits.task import metric_values
 from circuits.testing import tiny_hf, tiny_pair
 
 acdc_module = importlib.import_module("circuits.methods.acdc")  # the package exports the function under this name
-GRADIENT_METHODS = ["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted"]
+GRADIENT_METHODS = [method for method in circuits.choices.METHODS if method != "exact"]
 
 
 def make_task(batch=6, seq=8, seed=1, metric="logit_diff", same=False):

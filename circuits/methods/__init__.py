@@ -4,35 +4,36 @@ from __future__ import annotations
 
 import time
 
+from ..choices import ABLATIONS, LEVELS, METHODS, Ablation, Level, Method, check_choice, check_positive
 from ..circuit import Scores
+from ..errors import CircuitsError
 from ..model import Model
 from ..task import Task
 from .acdc import acdc
-from .common import ABLATIONS, check_choice, check_positive
 from .exact import exact_scores
 from .gradient import GRADIENT_METHODS, gradient_scores
 
-METHODS = (*GRADIENT_METHODS, "exact")
-LEVELS = ("edge", "node")
+if set(METHODS) != {*GRADIENT_METHODS, "exact"}:
+    raise CircuitsError(f"circuits.choices.METHODS {METHODS} and the registered methods disagree")
 
 
 def attribute(
     model: Model,
     task: Task,
-    method: str = "eap-ig-inputs",
-    ablation: str = "patching",
+    method: Method = "eap-ig-inputs",
+    ablation: Ablation = "patching",
     batch_size: int = 32,
     ig_steps: int = 5,
-    level: str = "edge",
+    level: Level = "edge",
     progress: bool = True,
 ) -> Scores:
     """Score every edge (or, with ``level="node"``, every source node) of the model's graph on a task.
 
     A score estimates mean metric(edge ablated) - mean metric(clean), the metric being the task's.
-    Methods: ``eap``, ``eap-ig-inputs``, ``eap-ig-activations``, ``clean-corrupted`` (gradient
-    estimates, see ``circuits.methods.gradient``) and ``exact`` (one patched forward per edge).
-    Ablations: ``patching`` (the corrupted prompts' activations), ``mean`` (over the task's clean
-    prompts), ``zero``. Memory is bounded by ``batch_size``; scores are returned on the CPU.
+    ``method`` is one of ``circuits.choices.METHODS``: ``exact`` runs one patched forward per edge,
+    the others are the gradient estimates of ``circuits.methods.gradient``. ``ablation`` is one of
+    ``ABLATIONS``: ``patching`` (the corrupted prompts' activations), ``mean`` (over the task's clean
+    prompts) or ``zero``. Memory is bounded by ``batch_size``; scores are returned on the CPU.
     """
     check_choice("method", method, METHODS)
     check_choice("ablation", ablation, ABLATIONS)
@@ -56,7 +57,7 @@ def attribute(
         "metric": task.metric if isinstance(task.metric, str) else "custom",
         "seconds": time.perf_counter() - start,
     }
-    if "ig" in method:
+    if method in GRADIENT_METHODS and GRADIENT_METHODS[method].uses_steps:
         meta["ig_steps"] = ig_steps
     return Scores(model.graph, tensor, level, meta)
 

@@ -28,14 +28,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..choices import ABLATIONS, METRICS, check_choice, check_positive
 from ..circuit import Circuit, edge_mask_from
 from ..engine import PrefixCache, patched_forward
 from ..errors import CircuitsError
 from ..graph import Graph
 from ..io import atomic_write_text
 from ..model import Model
-from ..task import METRICS, Task, metric_values
-from .common import ABLATIONS, batches, check_choice, check_positive
+from ..task import Task, metric_values
+from .common import batches
 
 CHECKPOINT_VERSION = 1
 

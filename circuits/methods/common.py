@@ -1,4 +1,4 @@
-"""What every method shares: argument checks, batches with their ablation values, the averaged metric."""
+"""What every method shares: batches with their ablation values, the averaged metric."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import mean_values, patching_values
-from ..errors import CircuitsError
 from ..model import Model
 from ..task import Task, TokenizedTask, metric_values
-
-ABLATIONS = ("patching", "mean", "zero")
 
 
 @dataclass
@@ -21,16 +18,6 @@ class Batch:
     tokens: TokenizedTask  # on the model's device
     patch: torch.Tensor | None  # ablation values for the engine; None = zero
     n_total: int  # examples in the whole task: a batch's metric sum is divided by it
-
-
-def check_choice(what: str, value, choices) -> None:
-    if value not in choices:
-        raise CircuitsError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
-
-
-def check_positive(what: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CircuitsError(f"{what} must be a positive integer, got {value!r}")
 
 
 def batches(model: Model, task: Task, ablation: str, batch_size: int, progress: bool = False) -> Iterator[Batch]:

@@ -21,6 +21,9 @@ inputs are accumulated, then contracted with the deltas once per batch (per poin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from ..engine import PatchedOutput, patched_forward
@@ -28,7 +31,30 @@ from ..model import Model
 from ..task import Task
 from .common import Batch, batches, metric_sum
 
-GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
+Point = tuple[float, float | None]  # (input interpolation a, every edge's mask value; None: the plain mask of ones)
+
+
+@dataclass(frozen=True)
+class GradientMethod:
+    """What the engine needs to know about an attribution method: where it takes its gradients."""
+
+    points: Callable[[int], list[Point]]  # the gradient points for a number of steps
+    per_point: bool = False  # contract each point's gradients with that point's own deltas (else the clean ones)
+    uses_steps: bool = False  # the number of steps changes the points
+
+    def first_point_is_clean(self, steps: int) -> bool:
+        """Is the first gradient point the clean run itself (so no separate clean forward is needed)?"""
+        return self.points(steps)[0] == (1.0, None)
+
+
+GRADIENT_METHODS: dict[str, GradientMethod] = {
+    "eap": GradientMethod(lambda steps: [(1.0, None)]),
+    "eap-ig-inputs": GradientMethod(lambda steps: [(k / steps, None) for k in range(steps)], uses_steps=True),
+    "eap-ig-activations": GradientMethod(
+        lambda steps: [(1.0, (k + 0.5) / steps) for k in range(steps)], per_point=True, uses_steps=True
+    ),
+    "clean-corrupted": GradientMethod(lambda steps: [(1.0, None), (0.0, None)]),
+}
 
 
 def gradient_scores(
@@ -42,13 +68,14 @@ def gradient_scores(
 
 
 def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps: int) -> torch.Tensor:
+    spec = GRADIENT_METHODS[method]
     graph, tokens = model.graph, batch.tokens
     ids, mask, positions = tokens.clean_ids, tokens.attention_mask, tokens.positions
     with torch.no_grad():
         clean_input = model.adapter.embed(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
         ablated_input = torch.zeros_like(clean_input) if batch.patch is None else batch.patch[0].expand_as(clean_input)
         clean = None
-        if method not in ("eap", "clean-corrupted"):  # else the first gradient point is the clean run itself
+        if not spec.first_point_is_clean(ig_steps):
             clean = patched_forward(model, ids, mask, keep_outputs=True, logit_positions=positions)
 
     gradients: dict[int, tuple[slice, torch.Tensor]] = {}
@@ -59,10 +86,13 @@ def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps:
         else:
             gradients[destinations.start] = (destinations, grad.clone())
 
-    points = _points(method, ig_steps, graph, model)
-    per_point = method == "eap-ig-activations"  # the mask's gradient uses each point's own deltas
+    points = spec.points(ig_steps)
+    per_point = spec.per_point
     scores = torch.zeros(graph.n_src, graph.n_dst)
-    for alpha, edge_mask in points:
+    for alpha, mask_value in points:
+        edge_mask = None
+        if mask_value is not None:
+            edge_mask = torch.full((graph.n_src, graph.n_dst), mask_value, dtype=model.dtype, device=model.device)
         embeddings = (ablated_input + alpha * (clean_input - ablated_input)).detach().requires_grad_(True)
         run = patched_forward(
             model,
@@ -98,15 +128,3 @@ def _contract(scores: torch.Tensor, deltas: torch.Tensor, gradients: dict, graph
     for destinations, grad in gradients.values():
         reads = int(graph.n_inputs[destinations.start])
         scores[:reads, destinations] -= (flat_deltas[:reads] @ grad.flatten(1).float().T).cpu()
-
-
-def _points(method: str, steps: int, graph, model: Model) -> list[tuple[float, torch.Tensor | None]]:
-    """(input interpolation a, edge mask) for each gradient point of a method."""
-    if method == "eap":
-        return [(1.0, None)]
-    if method == "eap-ig-inputs":
-        return [(k / steps, None) for k in range(steps)]
-    if method == "clean-corrupted":
-        return [(1.0, None), (0.0, None)]
-    ones = torch.ones(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
-    return [(1.0, ones * ((k + 0.5) / steps)) for k in range(steps)]
