@@ -15,6 +15,7 @@ runs the plain model's computation (no per-destination copies).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -55,7 +56,8 @@ def patched_forward(
     """Run the model with every edge ``u->v`` weighted by ``edge_mask[u, v]``.
 
     Args:
-        input_ids, attention_mask: ``[B, T]``, right-padded.
+        input_ids, attention_mask: ``[B, T]``, right-padded (tensors, or nested lists or numpy arrays,
+            which become long tensors on the model's device).
         edge_mask: float ``[n_src, n_dst]`` (may require grad); None means all ones.
         patch: ablation values broadcastable to ``[n_src, B, T, D]`` (the corrupted run's
             ``outputs``, a mean, ...); None means zero ablation.
@@ -106,7 +108,7 @@ class _Run:
         input_embeddings: torch.Tensor | None = None,
     ) -> _Run:
         """Validate the batch, embed it, and record the ``input`` source."""
-        attention_mask = check_batch(model, input_ids, attention_mask)
+        input_ids, attention_mask = check_batch(model, input_ids, attention_mask)
         batch, seq = input_ids.shape
         if patch is not None:
             check_patch(model, patch, batch, seq)
@@ -371,6 +373,7 @@ class _Deltas:
 
 def source_outputs(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Every source's output on these prompts, ``[n_src, B, T, D]``, without gradients."""
+    input_ids, attention_mask = as_batch(model, input_ids, attention_mask)
     with torch.no_grad():
         return patched_forward(
             model, input_ids, attention_mask, keep_outputs=True, logit_positions=_first(input_ids)
@@ -387,7 +390,8 @@ def patching_values(
 
     Checks that every clean/corrupted pair has the same length, naming the first example that does not.
     """
-    corrupted_attention_mask = check_batch(model, corrupted_ids, corrupted_attention_mask, what="corrupted")
+    corrupted_ids, corrupted_attention_mask = check_batch(model, corrupted_ids, corrupted_attention_mask, "corrupted")
+    clean_attention_mask = _as_tensor(model, clean_attention_mask, "clean attention mask")
     if clean_attention_mask.shape != corrupted_attention_mask.shape:
         raise CircuitsError(
             f"clean batch has shape {tuple(clean_attention_mask.shape)} but corrupted batch has shape "
@@ -414,16 +418,25 @@ def mean_values(
     Takes one batch (``input_ids, attention_mask``) or an iterable of ``(input_ids, attention_mask)``
     batches. Shape ``[n_src, 1, 1, D]``: one value per source, the same at every position.
     """
-    if isinstance(batches, torch.Tensor):
+    if _one_batch(batches):
         batches = [(batches, attention_mask)]
     total, count = None, 0
     for input_ids, mask in batches:
-        mask = check_batch(model, input_ids, mask)
+        input_ids, mask = check_batch(model, input_ids, mask)
         outputs = source_outputs(model, input_ids, mask)
         summed = (outputs * mask.to(outputs.dtype)[None, :, :, None]).sum((1, 2))
         total = summed if total is None else total + summed
         count += int(mask.sum())
     return (total / count)[:, None, None, :]
+
+
+def _one_batch(batches: object) -> bool:
+    """Is ``batches`` one batch of ids (a tensor, a numpy array, rows of numbers), not an iterable of batches?"""
+    if isinstance(batches, torch.Tensor) or hasattr(batches, "__array_interface__"):  # numpy, without importing it
+        return True
+    if not isinstance(batches, (list, tuple)) or not batches or not isinstance(batches[0], (list, tuple)):
+        return False
+    return not batches[0] or isinstance(batches[0][0], numbers.Number)
 
 
 def _first(input_ids: torch.Tensor) -> torch.Tensor:
@@ -433,10 +446,37 @@ def _first(input_ids: torch.Tensor) -> torch.Tensor:
 # --- validation ----------------------------------------------------------------------------
 
 
+def as_batch(model: Model, input_ids, attention_mask=None, what: str = "input") -> tuple:
+    """Ids and attention mask as users hold them: nested lists and numpy arrays become tensors on the
+    model's device (long ones when they hold integers); tensors and anything else are returned as given."""
+    return _as_tensor(model, input_ids, f"{what} ids"), _as_tensor(model, attention_mask, f"{what} attention mask")
+
+
+def _as_tensor(model: Model, value, what: str):
+    if not isinstance(value, (list, tuple)) and not hasattr(value, "__array_interface__"):  # numpy arrays
+        return value  # a tensor, None, or something the checks reject
+    try:
+        tensor = torch.as_tensor(value, device=model.device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        rows = [len(row) if isinstance(row, (list, tuple)) else None for row in value]
+        for i, length in enumerate(rows):
+            if length != rows[0]:
+                raise CircuitsError(
+                    f"example {i}: the {what} have {length} entries but example 0's have {rows[0]}; "
+                    "right-pad the rows to one length (and pass an attention mask)"
+                ) from None
+        raise CircuitsError(f"{what} must be a [batch, seq] array of numbers: {error}") from None
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        return tensor  # the checks judge it as they would such a tensor
+    return tensor.long()
+
+
 def check_batch(
     model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, what: str = "input"
-) -> torch.Tensor:
-    """Validate a right-padded batch; returns the attention mask (all ones if None)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a right-padded batch (converted by ``as_batch``); returns the ids and the attention mask
+    (all ones if None)."""
+    input_ids, attention_mask = as_batch(model, input_ids, attention_mask, what)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise CircuitsError(f"{what} ids must be a [batch, seq] tensor, got {shape}")
@@ -454,7 +494,9 @@ def check_batch(
             f"example {b}, position {t}: token id {int(input_ids[b, t])} is outside the vocabulary (0..{vocab - 1})"
         )
     if attention_mask is None:
-        return torch.ones_like(input_ids)
+        return input_ids, torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise CircuitsError(f"{what} attention mask must be a [batch, seq] tensor, got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise CircuitsError(
             f"{what} attention mask has shape {tuple(attention_mask.shape)} "
@@ -468,7 +510,7 @@ def check_batch(
     for i in (~right_padded.all(1) | (lengths == 0)).nonzero().flatten().tolist()[:1]:
         problem = "is empty" if lengths[i] == 0 else "is not right-padded (ones, then zeros)"
         raise CircuitsError(f"example {i}: the {what} attention mask {problem}: {attention_mask[i].tolist()}")
-    return attention_mask
+    return input_ids, attention_mask
 
 
 def check_edge_mask(model: Model, edge_mask: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -210,16 +211,24 @@ class Task:
     def from_token_ids(
         cls,
         name: str,
-        clean_ids: Sequence[Sequence[int]],
-        corrupted_ids: Sequence[Sequence[int]],
-        answer_ids: Sequence[int | Sequence[int]],
-        wrong_answer_ids: Sequence[int | Sequence[int]],
+        clean_ids: Sequence[Sequence[int]] | torch.Tensor | np.ndarray,
+        corrupted_ids: Sequence[Sequence[int]] | torch.Tensor | np.ndarray,
+        answer_ids: Sequence[int | Sequence[int]] | torch.Tensor | np.ndarray,
+        wrong_answer_ids: Sequence[int | Sequence[int]] | torch.Tensor | np.ndarray,
         metric: Metric = "logit_diff",
     ) -> Task:
-        """A task given as token ids, for models without a tokenizer."""
+        """A task given as token ids, for models without a tokenizer.
+
+        Each column is a list (of lists), a list of 1-D tensors or numpy arrays, or one tensor or array:
+        prompts ``[N, T]`` (every prompt T tokens), answers ``[N]`` (one each) or ``[N, k]`` (k each).
+        """
         task = cls.__new__(cls)
         task.name = _check_name(name)
         task.metric = _check_metric(metric)
+        clean_ids = _as_lists(task.name, "clean_ids", clean_ids, (2,))
+        corrupted_ids = _as_lists(task.name, "corrupted_ids", corrupted_ids, (2,))
+        answer_ids = _as_lists(task.name, "answer_ids", answer_ids, (1, 2))
+        wrong_answer_ids = _as_lists(task.name, "wrong_answer_ids", wrong_answer_ids, (1, 2))
         columns = dict(clean_ids=clean_ids, corrupted_ids=corrupted_ids)
         _check_lengths(task.name, **columns, answer_ids=answer_ids, wrong_answer_ids=wrong_answer_ids)
         for i in range(len(clean_ids)):
@@ -240,10 +249,10 @@ class Task:
     def from_outputs(
         cls,
         name: str,
-        clean_ids: Sequence[Sequence[int]],
-        corrupted_ids: Sequence[Sequence[int]],
-        outputs: Sequence[Sequence[int | float]],
-        positions: str | Sequence[Sequence[int]] = "all",
+        clean_ids: Sequence[Sequence[int]] | torch.Tensor | np.ndarray,
+        corrupted_ids: Sequence[Sequence[int]] | torch.Tensor | np.ndarray,
+        outputs: Sequence[Sequence[int | float]] | torch.Tensor | np.ndarray,
+        positions: str | Sequence[Sequence[int]] | torch.Tensor | np.ndarray = "all",
         metric: Metric = "l2",
         numeric: bool = False,
         tolerance: float = 1e-3,
@@ -256,6 +265,7 @@ class Task:
         (correct within ``tolerance``). ``metric``: ``"l2"``, ``"kl"`` or a callable ``(logits [B, T, V],
         batch) -> [B]`` (``batch.output_mask`` marks the scored positions); it is averaged over the
         scored positions. The outputs decide accuracy (``correct``); the metric compares with the clean run.
+        Ids, outputs and positions may also be tensors or numpy arrays (``[N, T]``), or lists of 1-D ones.
         """
         task = cls.__new__(cls)
         task.name = _check_name(name)
@@ -268,6 +278,11 @@ class Task:
             raise CircuitsError(f"numeric must be True or False, got {numeric!r}")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
             raise CircuitsError(f"tolerance must be a number >= 0, got {tolerance!r}")
+        clean_ids = _as_lists(task.name, "clean_ids", clean_ids, (2,))
+        corrupted_ids = _as_lists(task.name, "corrupted_ids", corrupted_ids, (2,))
+        outputs = _as_lists(task.name, "outputs", outputs, (2,), numbers=numeric)
+        if not isinstance(positions, str):
+            positions = _as_lists(task.name, "positions", positions, (2,))
         columns = dict(clean_ids=clean_ids, corrupted_ids=corrupted_ids)
         _check_lengths(task.name, **columns, outputs=outputs)
         if positions == "all":
@@ -519,6 +534,55 @@ def _is_id_list(ids: Any) -> bool:
         and len(ids) > 0
         and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
     )
+
+
+def _as_lists(name: str, field: str, column: Any, dims: tuple[int, ...], numbers: bool = False) -> Any:
+    """A column as users hold it, with its tensors, numpy arrays and numpy scalars made Python lists and numbers.
+
+    ``column`` is a list of examples (each maybe a tensor or array of one dimension fewer) or one tensor or
+    array of ``dims`` dimensions whose first indexes the examples. Arrays must hold integers (``numbers``:
+    or floats). Anything else is returned as given, for the usual checks to judge.
+    """
+    if isinstance(column, np.ndarray) and column.dtype == object:  # ragged rows
+        column = list(column)
+    if _is_array(column):
+        return _array_values(column, f"task {name!r}: {field}", dims, numbers)
+    if not isinstance(column, (list, tuple)):
+        return column
+    inner = tuple(d - 1 for d in dims)
+    return [
+        _array_values(value, f"example {i}: {field}", inner, numbers) if _is_array(value) else _plain_numbers(value)
+        for i, value in enumerate(column)
+    ]
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and value.dtype != object)
+
+
+def _array_values(array: torch.Tensor | np.ndarray, what: str, dims: tuple[int, ...], numbers: bool) -> Any:
+    kind = type(array).__name__
+    if array.ndim not in dims:
+        expected = " or ".join(f"{d}-D" for d in dims)
+        raise CircuitsError(f"{what} must be {expected}, got a {array.ndim}-D {kind} of shape {tuple(array.shape)}")
+    if isinstance(array, torch.Tensor):
+        floating, complex_ = array.is_floating_point(), array.is_complex()
+        dtype = "bool" if array.dtype == torch.bool else "float" if floating else "other" if complex_ else "int"
+    else:
+        dtype = {"i": "int", "u": "int", "f": "float", "b": "bool"}.get(array.dtype.kind, "other")
+    if dtype != "int" and not (numbers and dtype == "float"):
+        expected = "integers or floats" if numbers else "integer ids"
+        raise CircuitsError(f"{what} must hold {expected}, got a {kind} of dtype {array.dtype}")
+    return array.tolist()
+
+
+def _plain_numbers(value: Any) -> Any:
+    """Numpy scalars and 0-d tensors as Python numbers, arrays as lists, inside lists and tuples too."""
+    if isinstance(value, (list, tuple)):
+        return [_plain_numbers(item) for item in value]
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return value.item()
+    return value.tolist() if _is_array(value) else value
 
 
 def _answer_set(answer: Any, kind: type, what: str) -> list:

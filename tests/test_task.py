@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -319,3 +320,133 @@ def test_malformed_jsonl_raises_value_error(tmp_path_factory, lines):
     except ValueError:
         return
     assert len(task) > 0
+
+
+# --- inputs as users hold them: tensors, numpy arrays, numpy integers -------------------------
+
+ROWS = [[1, 2, 3], [4, 5, 6]]
+CORRUPTED_ROWS = [[1, 9, 3], [4, 5, 8]]
+
+
+def same_task(a, b):
+    """Two tasks hold the same data: equal plain-Python ``to_dict()`` and equal ``tokenize()`` tensors."""
+    assert json.dumps(a.to_dict()) == json.dumps(b.to_dict())
+    for field, value in vars(a.tokenize()).items():
+        other = getattr(b.tokenize(), field)
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, field
+
+
+def test_from_token_ids_accepts_torch_tensors_and_gives_the_same_task_as_lists():
+    lists = circuits.Task.from_token_ids("ids", ROWS, CORRUPTED_ROWS, [20, 21], [[30, 31], [32, 33]])
+    tensors = circuits.Task.from_token_ids(
+        "ids",
+        torch.tensor(ROWS),
+        torch.tensor(CORRUPTED_ROWS),
+        torch.tensor([20, 21]),
+        torch.tensor([[30, 31], [32, 33]]),
+    )
+    same_task(tensors, lists)
+
+
+def test_from_token_ids_accepts_numpy_arrays_and_numpy_integers():
+    lists = circuits.Task.from_token_ids("ids", ROWS, CORRUPTED_ROWS, [20, 21], [30, 31])
+    arrays = circuits.Task.from_token_ids(
+        "ids",
+        np.array(ROWS),
+        np.array(CORRUPTED_ROWS, dtype=np.int32),
+        np.array([20, 21]),
+        [np.int64(30), np.int64(31)],
+    )
+    same_task(arrays, lists)
+    scalars = circuits.Task.from_token_ids("ids", list(np.array(ROWS)), CORRUPTED_ROWS, [20, 21], [30, 31])
+    same_task(scalars, lists)  # rows of np.int64 (a numpy row turned into a list)
+
+
+def test_from_token_ids_accepts_a_list_of_one_dimensional_tensors_of_different_lengths():
+    clean = [[1, 2, 3, 4], [5, 6]]
+    corrupted = [[1, 2, 9, 4], [5, 8]]
+    lists = circuits.Task.from_token_ids("ids", clean, corrupted, [[20, 21], 22], [30, 31])
+    tensors = circuits.Task.from_token_ids(
+        "ids",
+        [torch.tensor(row) for row in clean],
+        [np.array(row) for row in corrupted],
+        [torch.tensor([20, 21]), torch.tensor(22)],
+        [np.int64(30), 31],
+    )
+    same_task(tensors, lists)
+
+
+def test_token_id_task_from_tensors_writes_plain_json(tmp_path):
+    task = circuits.Task.from_token_ids(
+        "ids", torch.tensor(ROWS), np.array(CORRUPTED_ROWS), np.array([20, 21]), [30, 31]
+    )
+    data = task.to_dict()
+    assert all(type(t) is int for row in data["clean_ids"] + data["corrupted_ids"] for t in row)
+    assert all(type(a) is int for a in data["answer_ids"])
+    path = task.to_jsonl(tmp_path / "task.jsonl")
+    same_task(circuits.Task.from_jsonl(path, name="ids"), task)
+
+
+def test_float_array_of_token_ids_is_an_error_naming_the_dtype():
+    with pytest.raises(circuits.errors.CircuitsError, match=r"clean_ids must hold integer ids.*float64"):
+        circuits.Task.from_token_ids("ids", np.array(ROWS, dtype=float), CORRUPTED_ROWS, [20, 21], [30, 31])
+
+
+def test_three_dimensional_tensor_of_token_ids_is_an_error_naming_the_shape():
+    with pytest.raises(
+        circuits.errors.CircuitsError, match=r"clean_ids must be 2-D, got a 3-D Tensor of shape \(2, 1, 3\)"
+    ):
+        circuits.Task.from_token_ids("ids", torch.tensor([ROWS]).transpose(0, 1), CORRUPTED_ROWS, [20, 21], [30, 31])
+
+
+def test_bool_tensor_of_answer_ids_is_an_error():
+    with pytest.raises(circuits.errors.CircuitsError, match=r"answer_ids must hold integer ids.*torch.bool"):
+        circuits.Task.from_token_ids("ids", ROWS, CORRUPTED_ROWS, torch.tensor([True, False]), [30, 31])
+
+
+def test_bad_row_in_a_list_of_arrays_names_the_example():
+    with pytest.raises(circuits.errors.CircuitsError, match=r"example 1: corrupted_ids must hold integer ids"):
+        circuits.Task.from_token_ids("ids", ROWS, [np.array([1, 9, 3]), np.array([4.0, 5, 8])], [20, 21], [30, 31])
+    with pytest.raises(circuits.errors.CircuitsError, match=r"example 1: clean_ids must be 1-D, got a 2-D"):
+        circuits.Task.from_token_ids(
+            "ids", [torch.tensor(ROWS[0]), torch.tensor([ROWS[1]])], CORRUPTED_ROWS, [20, 21], [30, 31]
+        )
+
+
+def test_negative_id_in_a_tensor_names_the_example():
+    with pytest.raises(
+        circuits.errors.CircuitsError, match=r"example 1: clean_ids must be a non-empty list of token ids"
+    ):
+        circuits.Task.from_token_ids("ids", torch.tensor([[1, 2, 3], [4, -5, 6]]), CORRUPTED_ROWS, [20, 21], [30, 31])
+
+
+def test_tensor_pair_of_different_lengths_names_the_example():
+    with pytest.raises(circuits.errors.CircuitsError, match=r"example 0: the clean prompt has 3 tokens"):
+        circuits.Task.from_token_ids("ids", torch.tensor(ROWS), torch.tensor([[1, 2], [4, 5]]), [20, 21], [30, 31])
+
+
+def test_from_outputs_accepts_tensors_and_numpy_arrays_and_gives_the_same_task_as_lists():
+    outputs, positions = [[0, 1], [1, 2]], [[1, 2], [0, 2]]
+    lists = circuits.Task.from_outputs("out", ROWS, CORRUPTED_ROWS, outputs, positions)
+    arrays = circuits.Task.from_outputs(
+        "out", torch.tensor(ROWS), np.array(CORRUPTED_ROWS), torch.tensor(outputs), np.array(positions)
+    )
+    same_task(arrays, lists)
+    all_positions = circuits.Task.from_outputs("out", ROWS, CORRUPTED_ROWS, [[0, 1, 2], [1, 2, 0]])
+    same_task(
+        circuits.Task.from_outputs("out", np.array(ROWS), CORRUPTED_ROWS, np.array([[0, 1, 2], [1, 2, 0]])),
+        all_positions,
+    )
+
+
+def test_from_outputs_accepts_float_arrays_of_numeric_outputs():
+    values = [[0.5, 1.0, -2.0], [1.5, 0.0, 3.0]]
+    lists = circuits.Task.from_outputs("out", ROWS, CORRUPTED_ROWS, values, numeric=True)
+    arrays = circuits.Task.from_outputs("out", ROWS, CORRUPTED_ROWS, np.array(values), numeric=True)
+    same_task(arrays, lists)
+    assert all(type(v) is float for row in arrays.to_dict()["outputs"] for v in row)
+
+
+def test_from_outputs_float_array_of_output_ids_is_an_error():
+    with pytest.raises(circuits.errors.CircuitsError, match=r"outputs must hold integer ids.*float"):
+        circuits.Task.from_outputs("out", ROWS, CORRUPTED_ROWS, np.array([[0.5, 1, 2], [1, 2, 0]]))
