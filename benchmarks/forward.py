@@ -50,7 +50,7 @@ def setup(device_name: str | None):
     last = mask.sum(1) - 1
     ones = torch.ones(model.graph.n_src, model.graph.n_dst, device=device)
     half = (torch.rand(ones.shape, generator=torch.Generator().manual_seed(0)) < 0.5).float().to(device)
-    patch = circuits.source_outputs(model, ids, mask)  # stands in for a corrupted run: same cost
+    patch = circuits.engine.source_outputs(model, ids, mask)  # stands in for a corrupted run: same cost
     real = model.graph.real.nonzero()
     circuit = torch.zeros_like(ones)  # a 200-edge circuit: everything else patched
     circuit[tuple(real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:200]].T)] = 1

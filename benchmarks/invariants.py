@@ -33,7 +33,7 @@ def deviations(model: circuits.Model, clean, corrupted, mask, edges) -> tuple[fl
     oracle = Oracle(model.hf)
     ones = torch.ones(graph.n_src, graph.n_dst)
     with torch.no_grad():
-        patch = circuits.patching_values(model, mask, corrupted, mask)
+        patch = circuits.engine.patching_values(model, mask, corrupted, mask)
         full = circuits.patched_forward(model, clean, mask, ones).logits
         empty = circuits.patched_forward(model, clean, mask, torch.zeros_like(ones), patch).logits
     # a mask that requires grad runs the general per-destination path even when it is all ones

@@ -1,42 +1,46 @@
-"""circuits: automated circuit discovery for Hugging Face transformer language models."""
+"""circuits: automated circuit discovery for Hugging Face transformer language models.
 
+The user API, in the order of a discovery::
+
+    model = circuits.load_model("smollm2-135m")             # Model (and its Graph); any HF id or directory
+    task = circuits.tasks.get("ioi", model.tokenizer)        # or circuits.Task(name, clean, corrupted, ...)
+    scores = circuits.attribute(model, task)                 # Scores: one per edge
+    circuit = scores.most_helpful(200)                       # Circuit; or circuits.acdc(model, task, ...)
+    circuits.evaluate(model, task, circuit).faithfulness     # faithfulness_curve, roc_auc, overlap
+    circuits.patched_forward(model, ids, mask, edge_mask)    # the engine itself
+
+Bad input raises ``circuits.CircuitsError`` (a ``ValueError``). Everything else (engine internals,
+file formats, figures, the ground-truth models) is importable from its module: ``circuits.engine``,
+``circuits.export``, ``circuits.plot``, ``circuits.ground_truth``, ... Heavy libraries (pandas,
+matplotlib, networkx, transformers) load on first use.
+"""
+
+from . import tasks
 from .circuit import Circuit, Scores
-from .engine import PatchedOutput, PrefixCache, mean_values, patched_forward, patching_values, source_outputs
-from .evaluate import MIB_FRACTIONS, Curve, Evaluation, evaluate, faithfulness_curve, overlap, roc_auc
+from .engine import patched_forward
+from .errors import CircuitsError
+from .evaluate import evaluate, faithfulness_curve, overlap, roc_auc
 from .graph import Graph
-from .ground_truth.tracr import from_tracr
 from .methods import acdc, attribute
 from .model import Model, load_model
-from .native import NativeConfig, NativeTransformer
-from .task import Baseline, Task, TokenizedTask
-
-__version__ = "0.1.0"
+from .task import Task
+from .version import __version__
 
 __all__ = [
-    "MIB_FRACTIONS",
-    "Curve",
-    "Evaluation",
+    "load_model",
+    "Model",
+    "Graph",
+    "Task",
+    "tasks",
+    "attribute",
+    "acdc",
+    "Scores",
+    "Circuit",
     "evaluate",
     "faithfulness_curve",
-    "from_tracr",
-    "overlap",
     "roc_auc",
-    "Baseline",
-    "Circuit",
-    "Scores",
-    "acdc",
-    "attribute",
-    "Graph",
-    "Model",
-    "NativeConfig",
-    "NativeTransformer",
-    "PatchedOutput",
-    "PrefixCache",
-    "load_model",
-    "mean_values",
+    "overlap",
     "patched_forward",
-    "patching_values",
-    "source_outputs",
-    "Task",
-    "TokenizedTask",
+    "CircuitsError",
+    "__version__",
 ]

@@ -6,8 +6,10 @@
     circuits tasks
     circuits models
 
-Exit status: 0 on success, 2 on bad usage or bad input (one line on stderr, no traceback; set
-CIRCUITS_DEBUG=1 to see one), 130 when interrupted.
+Exit status: 0 on success; 2 on bad usage or bad input (a ``CircuitsError``: one line on stderr
+that names the problem, no traceback); 1 on anything else, which is a bug or a failure of the
+environment (a short message and the hint to rerun with CIRCUITS_DEBUG=1 for the traceback);
+130 when interrupted. With CIRCUITS_DEBUG=1 every error shows its traceback.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from pathlib import Path
 import torch
 
 from .choices import ABLATIONS, METHODS, METRICS, SELECTIONS
+from .errors import CircuitsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class UsageError(ValueError):
+class UsageError(CircuitsError):
     """A mistake in what the user asked for."""
 
 
@@ -45,12 +48,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("circuits: interrupted (files already written are complete)", file=sys.stderr)
         return 130
-    except (ValueError, ImportError, OSError) as error:
+    except Exception as error:
         if os.environ.get("CIRCUITS_DEBUG"):
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"circuits {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        text = str(error).strip()
+        if isinstance(error, CircuitsError):
+            print(
+                f"circuits {args.command}: error: {text.splitlines()[0] if text else type(error).__name__}",
+                file=sys.stderr,
+            )
+            return 2
+        first = text.splitlines()[0] if text else ""
+        print(
+            f"circuits {args.command}: internal error: {type(error).__name__}: {first[:300]}\n"
+            "This is a bug or a problem of the environment, not of your input; rerun with CIRCUITS_DEBUG=1 "
+            "to see the traceback.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

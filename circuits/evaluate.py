@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .choices import ABLATIONS, check_choice, check_positive
@@ -23,6 +23,9 @@ from .errors import CircuitsError
 from .methods.common import batches
 from .model import Model
 from .task import Task, correct, metric_values
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -47,6 +50,8 @@ def masked_metrics(
 
     Returns (frame with columns full and empty, per-mask metric arrays, per-mask correctness arrays).
     """
+    import pandas as pd
+
     check_choice("ablation", ablation, ABLATIONS)
     check_positive("batch_size", batch_size)
     graph = model.graph
@@ -136,6 +141,8 @@ def faithfulness_curve(
     label: str | None = None,
 ) -> Curve:
     """Faithfulness of the top-scoring circuits at each size (pruned), with CPR and CMD as MIB defines them."""
+    import pandas as pd
+
     if scores.level != "edge":
         raise CircuitsError("a faithfulness curve needs edge-level scores")
     fractions = sorted(float(f) for f in fractions)
@@ -170,6 +177,8 @@ def roc_auc(scores: Scores | torch.Tensor, true_edges, absolute: bool = True, ed
     Ties count one half (the Mann-Whitney statistic). ``true_edges``: names, a Circuit or a mask.
     ``edges`` (names, a Circuit or a mask) restricts the edges ranked; default every edge of the graph.
     """
+    import pandas as pd
+
     if isinstance(scores, Scores):
         graph, values = scores.graph, scores.tensor
     else:
@@ -186,6 +195,8 @@ def roc_auc(scores: Scores | torch.Tensor, true_edges, absolute: bool = True, ed
 
 def roc_points(circuits: Sequence[Circuit], true_edges, edges=None) -> pd.DataFrame:
     """One (false positive rate, true positive rate) point per circuit against a ground-truth edge set."""
+    import pandas as pd
+
     if not circuits:
         raise CircuitsError("roc_points needs at least one circuit")
     graph = circuits[0].graph
@@ -213,6 +224,8 @@ def roc_auc_of_circuits(circuits: Sequence[Circuit], true_edges, edges=None) -> 
     Each circuit is one point of ``roc_points``; with (0, 0) and (1, 1) added and the points sorted by
     false positive rate (then true positive rate), the area under the polyline (trapezoid rule) is the AUC.
     """
+    import pandas as pd
+
     points = roc_points(circuits, true_edges, edges)
     curve = pd.concat([pd.DataFrame({"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]}), points[["fpr", "tpr"]]])
     curve = curve.sort_values(["fpr", "tpr"])

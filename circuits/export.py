@@ -21,13 +21,13 @@ import torch
 from .errors import CircuitsError
 from .graph import Graph
 from .io import atomic_write_text
+from .version import DISTRIBUTION
 
 if TYPE_CHECKING:
     import networkx as nx
     import pandas as pd
 
 FORMAT = "circuits/eap-ig-json"
-DISTRIBUTION = "circuits-discovery"  # the installed distribution's name (the import name is circuits)
 
 
 class EdgeSet(Protocol):

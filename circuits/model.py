@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .arch import Adapter, adapter_for
 from .errors import CircuitsError, MissingDependency
@@ -77,6 +76,8 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     if name_or_path != SMOLLM2 and is_native_directory(name_or_path):
         return Model(NativeTransformer.load(name_or_path, device, dtype), None, name=str(name_or_path))
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # on first use: importing it takes ~0.5 s
+
     source = _smollm2_directory() if name_or_path == SMOLLM2 else name_or_path
     try:
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -115,6 +116,8 @@ def _smollm2_directory() -> Path:
 
 def _dequantize_gguf(directory: Path, gguf_file: str, target: Path) -> None:
     """Dequantise a GGUF model to fp32 and save it as an HF directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     config = quantized.config

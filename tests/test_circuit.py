@@ -11,7 +11,7 @@ import torch
 
 import circuits
 from circuits.circuit import prune
-from circuits.evaluate import area
+from circuits.evaluate import MIB_FRACTIONS, area
 from circuits.testing import tiny_hf, tiny_pair
 
 
@@ -269,7 +269,7 @@ def test_faithfulness_curve_on_the_mib_grid(task):
     model = circuits.Model.from_hf(tiny_hf("llama"))
     scores = circuits.attribute(model, task, "eap-ig-inputs", progress=False)
     curve = circuits.faithfulness_curve(model, task, scores)
-    assert curve.frame.fraction.tolist() == list(circuits.MIB_FRACTIONS)
+    assert curve.frame.fraction.tolist() == list(MIB_FRACTIONS)
     assert curve.frame.faithfulness.iloc[-1] == pytest.approx(1, abs=1e-5)
     assert curve.cpr == pytest.approx(area(curve.frame.fraction, curve.frame.faithfulness))
     assert curve.cmd == pytest.approx(area(curve.frame.fraction, (1 - curve.frame.faithfulness_absolute).abs()))

@@ -227,3 +227,36 @@ def test_python_dash_m_circuits_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "circuits", "tasks"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
     assert "ioi" in result.stdout
+
+
+def test_a_bug_exits_1_with_a_short_message_and_the_debug_hint(model_dir, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch deep in torch\nmore lines of detail")
+
+    monkeypatch.setattr("circuits.pipeline.attribute", broken)
+    status = main(["discover", "--model", str(model_dir), "--task", "induction", "--n", "4", "--method", "eap",
+                   "--out", str(tmp_path / "o"), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "Traceback" not in err and "more lines of detail" not in err
+    assert "RuntimeError: shape mismatch deep in torch" in err and "CIRCUITS_DEBUG=1" in err
+
+
+def test_circuits_debug_shows_the_traceback_of_a_bad_input(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUITS_DEBUG", "1")
+    with pytest.raises(circuits.CircuitsError, match="none.json"):
+        main(["plot", str(tmp_path / "none.json"), "-o", str(tmp_path / "f.png")])
+
+
+def test_every_bad_input_error_of_the_package_is_a_circuits_error():
+    # bad arguments to the API raise CircuitsError (a ValueError), which the CLI reports as exit status 2
+    graph = circuits.Graph(2, 2)
+    for bad_call in (
+        lambda: graph.index("a0.h0->nowhere"),
+        lambda: circuits.Task("t", [], [], [], []),
+        lambda: tasks.get("nonesuch"),
+        lambda: circuits.Circuit.load("/nonexistent/circuit.json"),
+    ):
+        with pytest.raises(circuits.CircuitsError):
+            bad_call()
+    assert issubclass(circuits.CircuitsError, ValueError)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from oracle import Oracle
 
 import circuits
+from circuits.engine import check_batch
 from circuits.testing import tiny_hf as make_hf
 from circuits.testing import tiny_pair as make_pair
 
@@ -51,7 +53,7 @@ def test_full_mask_requiring_grad_reproduces_hf_logits(tiny, pair):
 
 def test_empty_mask_with_patching_reproduces_corrupted_logits(tiny, pair):
     clean, corrupted, mask = pair
-    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    patch = circuits.engine.patching_values(tiny, mask, corrupted, mask)
     got = run(tiny, clean, mask, torch.zeros(tiny.graph.n_src, tiny.graph.n_dst), patch)
     expected = hf_logits(tiny, corrupted, mask)
     assert torch.allclose(real_positions(got, mask), real_positions(expected, mask), atol=ATOL)
@@ -80,7 +82,7 @@ def edges_to_check(graph):
 def test_single_edge_patch_equals_hook_oracle(tiny, pair):
     clean, corrupted, mask = pair
     oracle = Oracle(tiny.hf)
-    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    patch = circuits.engine.patching_values(tiny, mask, corrupted, mask)
     clean_logits = hf_logits(tiny, clean, mask)
     for edge in edges_to_check(tiny.graph):
         src, _ = edge.split("->")
@@ -111,8 +113,8 @@ def test_mask_entries_outside_real_edges_are_ignored(tiny, pair):
 
 def test_mean_values_average_real_positions(tiny, pair):
     clean, _, mask = pair
-    outputs = circuits.source_outputs(tiny, clean, mask)
-    mean = circuits.mean_values(tiny, clean, mask)
+    outputs = circuits.engine.source_outputs(tiny, clean, mask)
+    mean = circuits.engine.mean_values(tiny, clean, mask)
     assert mean.shape == (tiny.graph.n_src, 1, 1, outputs.shape[-1])
     by_hand = outputs[:, mask.bool()].mean(1)
     assert torch.allclose(mean[:, 0, 0], by_hand, atol=1e-6)
@@ -121,7 +123,7 @@ def test_mean_values_average_real_positions(tiny, pair):
 def test_source_outputs_sum_to_the_final_residual_stream(tiny, pair):
     """Sources plus the constant biases rebuild the stream that the final norm reads."""
     clean, _, mask = pair
-    outputs = circuits.source_outputs(tiny, clean, mask)
+    outputs = circuits.engine.source_outputs(tiny, clean, mask)
     captured = {}
     norm = tiny.adapter.final_norm()
     hook = norm.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
@@ -137,8 +139,8 @@ def test_source_outputs_sum_to_the_final_residual_stream(tiny, pair):
 def test_grad_hook_gives_destination_input_gradients(tiny, pair):
     """The hook's gradients, contracted with the deltas, equal the gradient with respect to the mask."""
     clean, corrupted, mask = pair
-    patch = circuits.patching_values(tiny, mask, corrupted, mask)
-    outputs = circuits.source_outputs(tiny, clean, mask)
+    patch = circuits.engine.patching_values(tiny, mask, corrupted, mask)
+    outputs = circuits.engine.source_outputs(tiny, clean, mask)
     edge_mask = ones(tiny).requires_grad_(True)
     grads = {}
     result = circuits.patched_forward(
@@ -156,7 +158,7 @@ def test_grad_hook_gives_destination_input_gradients(tiny, pair):
 def test_mask_gradient_matches_finite_differences(arch):
     model = circuits.Model.from_hf(make_hf(arch).double())
     clean, corrupted, mask = make_pair(batch=2, seq=6)
-    patch = circuits.patching_values(model, mask, corrupted, mask)
+    patch = circuits.engine.patching_values(model, mask, corrupted, mask)
     edge_mask = torch.ones(model.graph.n_src, model.graph.n_dst, dtype=torch.float64, requires_grad=True)
 
     def metric(m):
@@ -207,7 +209,7 @@ def test_sliding_window_is_applied():
 def test_runs_in_half_precision(dtype):
     model = circuits.Model.from_hf(make_hf("llama").to(dtype))
     clean, corrupted, mask = make_pair()
-    patch = circuits.patching_values(model, mask, corrupted, mask)
+    patch = circuits.engine.patching_values(model, mask, corrupted, mask)
     edge_mask = torch.ones(model.graph.n_src, model.graph.n_dst)
     edge_mask[model.graph.index("a0.h1->m1")] = 0
     got = run(model, clean, mask, edge_mask, patch)
@@ -220,7 +222,7 @@ def test_runs_in_half_precision(dtype):
 def test_with_and_without_autograd_give_the_same_logits(tiny, pair):
     """The engine keeps deltas differently with autograd on and off; the results agree."""
     clean, corrupted, mask = pair
-    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    patch = circuits.engine.patching_values(tiny, mask, corrupted, mask)
     generator = torch.Generator().manual_seed(3)
     for density in (0.1, 0.5, 0.9):  # mostly ablated, mixed, mostly kept
         edge_mask = (torch.rand(tiny.graph.n_src, tiny.graph.n_dst, generator=generator) < density).float()
@@ -233,9 +235,9 @@ def test_with_and_without_autograd_give_the_same_logits(tiny, pair):
 def test_prefix_cache_runs_equal_full_runs(tiny, pair):
     """Resuming from the clean run's cached prefix gives the logits of a whole patched forward."""
     clean, corrupted, mask = pair
-    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    patch = circuits.engine.patching_values(tiny, mask, corrupted, mask)
     positions = mask.sum(1) - 1
-    cache = circuits.PrefixCache(tiny, clean, mask, patch, positions)
+    cache = circuits.engine.PrefixCache(tiny, clean, mask, patch, positions)
     assert torch.allclose(cache.base_logits, run(tiny, clean, mask, logit_positions=positions), atol=ATOL)
     graph = tiny.graph
     # lower layers first, then higher: a later run must not see rows an earlier one overwrote
@@ -246,3 +248,76 @@ def test_prefix_cache_runs_equal_full_runs(tiny, pair):
         edge_mask[i, j] = 0
         expected = run(tiny, clean, mask, edge_mask, patch, logit_positions=positions)
         assert torch.allclose(cache.run(edge_mask, layer), expected, atol=ATOL), edge
+
+
+# --- inputs as users hold them: nested lists and numpy arrays ---------------------------------
+
+
+def test_patched_forward_on_lists_and_numpy_arrays_gives_the_logits_of_tensors(tiny, pair):
+    clean, _, mask = pair
+    expected = run(tiny, clean, mask)
+    for ids, attention in ((clean.tolist(), mask.tolist()), (clean.numpy(), mask.numpy()), (clean.tolist(), None)):
+        got = run(tiny, ids, attention)
+        reference = expected if attention is not None else run(tiny, clean, None)
+        assert torch.equal(got, reference)
+
+
+def test_patching_values_and_mean_values_accept_lists_and_numpy_arrays(tiny, pair):
+    clean, corrupted, mask = pair
+    patch = circuits.engine.patching_values(tiny, mask, corrupted, mask)
+    assert torch.equal(circuits.engine.patching_values(tiny, mask.tolist(), corrupted.numpy(), mask.tolist()), patch)
+    outputs = circuits.engine.source_outputs(tiny, clean, mask)
+    assert torch.equal(circuits.engine.source_outputs(tiny, clean.tolist(), mask.numpy()), outputs)
+    mean = circuits.engine.mean_values(tiny, clean, mask)
+    assert torch.equal(circuits.engine.mean_values(tiny, clean.tolist(), mask.tolist()), mean)
+    assert torch.equal(circuits.engine.mean_values(tiny, clean.numpy(), mask.numpy()), mean)
+    assert torch.equal(circuits.engine.mean_values(tiny, [(clean.tolist(), mask.numpy())]), mean)
+
+
+def test_check_batch_makes_lists_long_tensors_on_the_model_device(tiny, pair):
+    clean, _, mask = pair
+    ids, attention = check_batch(tiny, clean.numpy().astype(np.int32), mask.tolist())
+    assert ids.dtype == torch.long and attention.dtype == torch.long
+    assert ids.device == tiny.device and attention.device == tiny.device
+    assert torch.equal(ids, clean) and torch.equal(attention, mask)
+
+
+def test_float_numpy_ids_are_an_error_naming_the_dtype(tiny, pair):
+    clean, _, mask = pair
+    with pytest.raises(
+        circuits.errors.CircuitsError, match="input ids must be integer token ids, got dtype torch.float"
+    ):
+        run(tiny, clean.numpy().astype(float), mask)
+
+
+def test_three_dimensional_ids_are_an_error_naming_the_shape(tiny, pair):
+    clean, _, mask = pair
+    with pytest.raises(
+        circuits.errors.CircuitsError, match=r"input ids must be a \[batch, seq\] tensor, got \(1, 4, 9\)"
+    ):
+        run(tiny, clean[None].tolist(), mask)
+
+
+def test_ragged_id_lists_are_an_error_naming_the_example(tiny):
+    with pytest.raises(
+        circuits.errors.CircuitsError, match="example 1: the input ids have 2 entries but example 0's have 3"
+    ):
+        run(tiny, [[1, 2, 3], [4, 5]], None)
+
+
+def test_negative_id_in_a_list_names_the_example_and_position(tiny):
+    with pytest.raises(
+        circuits.errors.CircuitsError, match="example 1, position 2: token id -4 is outside the vocabulary"
+    ):
+        run(tiny, [[1, 2, 3], [4, 5, -4]], None)
+
+
+def test_bool_ids_are_an_error(tiny):
+    with pytest.raises(circuits.errors.CircuitsError, match="integer token ids, got dtype torch.bool"):
+        run(tiny, np.array([[True, False]]), None)
+
+
+def test_attention_mask_list_of_the_wrong_shape_is_an_error(tiny, pair):
+    clean, _, mask = pair
+    with pytest.raises(circuits.errors.CircuitsError, match="input attention mask has shape"):
+        run(tiny, clean, mask[:, :-1].tolist())

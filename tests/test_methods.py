@@ -57,7 +57,7 @@ def test_exact_node_scores_ablate_every_outgoing_edge(task):
     model = circuits.Model.from_hf(tiny_hf("neox"))
     scores = circuits.attribute(model, task, "exact", level="node", progress=False)
     tokens = task.tokenize()
-    patch = circuits.patching_values(model, tokens.attention_mask, tokens.corrupted_ids, tokens.attention_mask)
+    patch = circuits.engine.patching_values(model, tokens.attention_mask, tokens.corrupted_ids, tokens.attention_mask)
     with torch.no_grad():
         clean = circuits.patched_forward(
             model, tokens.clean_ids, tokens.attention_mask, logit_positions=tokens.positions
@@ -87,8 +87,8 @@ def test_eap_converges_to_exact_as_the_corruption_shrinks(arch, task):
     model = circuits.Model.from_hf(tiny_hf(arch).double())
     tokens = task.tokenize()
     ids, mask, positions = tokens.clean_ids, tokens.attention_mask, tokens.positions
-    clean_out = circuits.source_outputs(model, ids, mask)
-    corrupted_out = circuits.patching_values(model, mask, tokens.corrupted_ids, mask)
+    clean_out = circuits.engine.source_outputs(model, ids, mask)
+    corrupted_out = circuits.engine.patching_values(model, mask, tokens.corrupted_ids, mask)
     graph = model.graph
     edges = [
         graph.index(e) for e in ["a0.h1->a1.h0<q>", "a0.h0->a2.h0<k>", "m0->m1", "a1.h2->logits", "input->a1.h0<v>"]
@@ -98,7 +98,7 @@ def test_eap_converges_to_exact_as_the_corruption_shrinks(arch, task):
         patch = clean_out + eps * (corrupted_out - clean_out)
         batch = Batch(tokens, patch, len(tokens))
         eap = _batch_scores(model, task, batch, "eap", 1)
-        cache = circuits.PrefixCache(model, ids, mask, patch, positions)
+        cache = circuits.engine.PrefixCache(model, ids, mask, patch, positions)
         base = metric_values("logit_diff", cache.base_logits, tokens).sum() / len(tokens)
         exact, approx = [], []
         for i, j in edges:
@@ -202,7 +202,7 @@ def naive_acdc(model, task, threshold, candidates=None):
     graph = model.graph
     tokens = task.tokenize()
     ids, mask, positions = tokens.clean_ids, tokens.attention_mask, tokens.positions
-    patch = circuits.patching_values(model, mask, tokens.corrupted_ids, mask)
+    patch = circuits.engine.patching_values(model, mask, tokens.corrupted_ids, mask)
     with torch.no_grad():
         clean = circuits.patched_forward(model, ids, mask, logit_positions=positions).logits
 

@@ -154,7 +154,7 @@ def test_empty_mask_equals_the_reference_with_every_edge_patched(tiny, pair):
         corrupted_logits, corrupted_outputs = reference(tiny.hf, corrupted, mask)
         everything = {edge: 0.0 for edge in tiny.graph.edges}
         expected, _ = reference(tiny.hf, clean, mask, everything, corrupted_outputs)
-    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    patch = circuits.engine.patching_values(tiny, mask, corrupted, mask)
     got = engine_logits(tiny, clean, mask, torch.zeros(tiny.graph.n_src, tiny.graph.n_dst), patch)
     real = mask.bool()
     assert torch.allclose(got[real], expected[real], atol=ATOL)
@@ -167,7 +167,7 @@ def test_single_edge_patches_equal_the_reference(tiny, pair):
     with torch.no_grad():
         _, corrupted_outputs = reference(tiny.hf, corrupted, mask)
         clean_logits, _ = reference(tiny.hf, clean, mask)
-    patch = circuits.patching_values(tiny, mask, corrupted, mask)
+    patch = circuits.engine.patching_values(tiny, mask, corrupted, mask)
     attention_only = tiny.hf.config.d_mlp == 0
     for edge in EDGES:
         edge_mask = ones(tiny)
@@ -195,7 +195,7 @@ def test_fractional_mask_with_zero_ablation_equals_the_reference(tiny, pair):
 
 def test_source_outputs_equal_the_reference(tiny, pair):
     clean, _, mask = pair
-    got = circuits.source_outputs(tiny, clean, mask)
+    got = circuits.engine.source_outputs(tiny, clean, mask)
     with torch.no_grad():
         _, expected = reference(tiny.hf, clean, mask)
     for i, name in enumerate(tiny.graph.sources):

@@ -65,7 +65,7 @@ def test_full_mask_reproduces_hf_logits(smollm2, batch):
 
 def test_empty_mask_reproduces_corrupted_logits(smollm2, batch):
     clean, corrupted, mask = batch
-    patch = circuits.patching_values(smollm2, mask, corrupted, mask)
+    patch = circuits.engine.patching_values(smollm2, mask, corrupted, mask)
     with torch.no_grad():
         expected = smollm2.hf(corrupted, attention_mask=mask).logits[mask.bool()]
         zeros = torch.zeros(smollm2.graph.n_src, smollm2.graph.n_dst)
@@ -87,6 +87,6 @@ def test_single_edge_patch_equals_hook_oracle(smollm2, batch, edge):
     edge_mask = torch.ones(smollm2.graph.n_src, smollm2.graph.n_dst)
     edge_mask[smollm2.graph.index(edge)] = 0
     with torch.no_grad():
-        patch = circuits.patching_values(smollm2, mask, corrupted, mask)
+        patch = circuits.engine.patching_values(smollm2, mask, corrupted, mask)
         got = circuits.patched_forward(smollm2, clean, mask, edge_mask, patch).logits[mask.bool()]
     assert (got - expected).abs().max() < 1e-4

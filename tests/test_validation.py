@@ -25,7 +25,7 @@ def test_pair_length_mismatch_names_the_example(model, batch):
     corrupted_mask = mask.clone()
     corrupted_mask[2, mask[2].sum() - 1] = 0
     with pytest.raises(ValueError, match=r"example 2: the clean prompt has 7 tokens but the corrupted prompt has 6"):
-        circuits.patching_values(model, mask, corrupted, corrupted_mask)
+        circuits.engine.patching_values(model, mask, corrupted, corrupted_mask)
 
 
 def test_empty_batch(model):
@@ -64,7 +64,7 @@ def test_ids_on_another_device_are_rejected(model):
 
 def test_ablation_values_of_another_dtype_are_rejected(model, batch):
     clean, corrupted, mask = batch
-    patch = circuits.patching_values(model, mask, corrupted, mask).double()
+    patch = circuits.engine.patching_values(model, mask, corrupted, mask).double()
     with pytest.raises(ValueError, match="dtype torch.float64 but the model runs in torch.float32"):
         circuits.patched_forward(model, clean, mask, torch.ones(model.graph.n_src, model.graph.n_dst), patch)
 
