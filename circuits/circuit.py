@@ -12,7 +12,7 @@ import torch
 from . import export
 from .errors import CircuitsError
 from .graph import Graph
-from .task import REFERENCE_METRICS
+from .task import HIGHER_IS_BETTER
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -65,25 +65,18 @@ class Scores:
         """The ``n`` best edges (by |score| unless ``absolute=False``), then pruned."""
         return select(self._edge_level(), top_n_mask(self, n, absolute), f"top_n({n}, absolute={absolute})")
 
-    def most_helpful(self, n: int, direction: float | None = None) -> Circuit:
+    def most_helpful(self, n: int, higher_is_better: bool | None = None) -> Circuit:
         """The ``n`` edges whose ablation hurts the task most, then pruned; the circuit keeps the scores.
 
         This is the ordering of MIB's CPR and usually gives more faithful circuits than |score|, which
-        also picks edges that work against the answer. ``direction`` is -1 when ablating lowers the metric
-        (``logit_diff``, ``prob_diff``: the most negative scores first) and +1 when it raises it (``kl``,
-        ``l2``); by default it follows the metric in ``meta``, and a custom metric needs it given.
+        also picks edges that work against the answer. Which sign hurts follows ``helpful_sign`` of the
+        task's metric, recorded in ``meta`` by ``attribute``; ``higher_is_better`` overrides it (for
+        scores made elsewhere).
         """
-        if direction is None:
-            metric = self.meta.get("metric")
-            if not isinstance(metric, str) or metric == "custom":
-                raise CircuitsError(
-                    f"most_helpful needs direction=-1 or +1 for the metric {metric!r}: -1 when ablating edges "
-                    "lowers it, +1 when it raises it"
-                )
-            direction = 1.0 if metric in REFERENCE_METRICS else -1.0
-        if direction not in (-1, 1):
-            raise CircuitsError(f"direction must be -1 or +1, got {direction!r}")
-        oriented = Scores(self.graph, self.tensor * direction, self.level, self.meta)
+        if higher_is_better is None:
+            higher_is_better = self.meta.get("higher_is_better", HIGHER_IS_BETTER.get(self.meta.get("metric")))
+        sign = helpful_sign(higher_is_better, self.meta.get("metric"))
+        oriented = Scores(self.graph, self.tensor * sign, self.level, self.meta)
         return select(self._edge_level(), top_n_mask(oriented, n, absolute=False), f"most_helpful({n})")
 
     def threshold(self, t: float, absolute: bool = True) -> Circuit:
@@ -175,6 +168,24 @@ class Circuit:
 
     def __repr__(self) -> str:
         return f"Circuit({len(self)} edges, {len(self.nodes)} nodes)"
+
+
+def helpful_sign(higher_is_better: bool | None, metric: Any = None) -> float:
+    """The one rule for which sign of a score carries the task.
+
+    A score is metric(edge ablated) - metric(clean). When higher is better (``logit_diff``,
+    ``prob_diff``), ablating an edge the task needs lowers the metric: those edges score most
+    negative, sign -1. When lower is better (``kl``, ``l2``: 0 on the clean run) they score most
+    positive, sign +1. Times the sign, the edges carrying the task score highest.
+    """
+    if higher_is_better is None:
+        raise CircuitsError(
+            f"which edges carry the task depends on whether higher values of the metric {metric!r} are better; "
+            "declare it with Task(..., metric=fn, higher_is_better=True or False)"
+        )
+    if not isinstance(higher_is_better, bool):
+        raise CircuitsError(f"higher_is_better must be True or False, got {higher_is_better!r}")
+    return -1.0 if higher_is_better else 1.0
 
 
 def edge_mask_from(graph: Graph, edges: Any) -> torch.Tensor:

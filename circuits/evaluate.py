@@ -124,13 +124,6 @@ def area(fractions: Sequence[float], values: Sequence[float]) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
 
 
-def helpful_direction(full: float, empty: float) -> float:
-    """-1 when ablating every edge lowers the metric (logit or probability difference), +1 when it raises
-    it (kl, l2). A score is metric(ablated) - metric(clean), so times this the edges carrying the task
-    score highest."""
-    return -1.0 if full > empty else 1.0
-
-
 def faithfulness_curve(
     model: Model,
     task: Task,
@@ -152,7 +145,7 @@ def faithfulness_curve(
     sizes = [max(1, round(f * total)) for f in fractions]
     frame, _, _ = masked_metrics(model, task, [], ablation, batch_size)
     full, empty = float(frame["full"].mean()), float(frame["empty"].mean())
-    signed = [scores.most_helpful(n, helpful_direction(full, empty)).mask for n in sizes]
+    signed = [scores.most_helpful(n, task.higher_is_better).mask for n in sizes]
     absolute = [prune(graph, top_n_mask(scores, n, absolute=True)) for n in sizes]
     _, values, _ = masked_metrics(model, task, signed + absolute, ablation, batch_size)
     f = [faithfulness(float(v.mean()), full, empty) for v in values]

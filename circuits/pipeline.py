@@ -19,7 +19,7 @@ import pandas as pd
 from .choices import SELECTIONS, check_choice, check_positive
 from .circuit import Circuit, Scores, greedy_mask, select
 from .errors import CircuitsError
-from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve, helpful_direction, masked_metrics
+from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve
 from .export import versions
 from .io import atomic_write_text
 from .methods import acdc, attribute
@@ -44,19 +44,13 @@ class Phases:
         self.seconds[name] = round(time.perf_counter() - start, 2)
 
 
-def orientation(model: Model, task: Task, ablation: str, batch_size: int) -> float:
-    """``helpful_direction`` of the task on the model: the sign that puts the task-carrying edges first."""
-    frame, _, _ = masked_metrics(model, task, [], ablation, batch_size)
-    return helpful_direction(float(frame["full"].mean()), float(frame["empty"].mean()))
-
-
-def select_circuit(scores: Scores, n: int, how: str, direction: float) -> Circuit:
+def select_circuit(scores: Scores, n: int, how: str) -> Circuit:
     """The ``n``-edge circuit by ``how``: ``signed`` (the edges whose ablation hurts the task most, the CPR
     ordering), ``absolute`` (largest |score|) or ``greedy`` (grown from the logits by |score|); pruned."""
     check_choice("selection", how, SELECTIONS)
     check_positive("top_n", n)
     if how == "signed":
-        return scores.most_helpful(n, direction)
+        return scores.most_helpful(n)
     if how == "absolute":
         return scores.top_n(n)
     return select(scores, greedy_mask(scores, n), f"greedy({n})")
@@ -98,11 +92,10 @@ def discover(
     with phases("attribution", f"scoring {len(model.graph):,} edges with {method} ({len(task)} examples)"):
         scores = attribute(model, task, method, **options)
     with phases("selection", "selecting the circuit"):
-        direction = orientation(model, task, ablation, batch_size)
         if acdc_threshold is None:
-            circuit = select_circuit(scores, top_n, selection, direction)
+            circuit = select_circuit(scores, top_n, selection)
         else:
-            pool = select_circuit(scores, min(candidates, len(model.graph)), selection, direction)
+            pool = select_circuit(scores, min(candidates, len(model.graph)), selection)
             found = acdc(
                 model,
                 task,
@@ -235,7 +228,7 @@ def scores_from_circuit(circuit: Circuit) -> Scores | None:
     """The edge scores a circuit file carries, when it has one for every edge (needed for a curve)."""
     if circuit.scores is None or bool(circuit.scores[circuit.graph.real].isnan().any()):
         return None
-    return Scores(circuit.graph, circuit.scores, meta={"method": circuit.meta.get("method", "scores")})
+    return Scores(circuit.graph, circuit.scores, meta={**circuit.meta, "method": circuit.meta.get("method", "scores")})
 
 
 def frame_of(summary: dict[str, Any]) -> pd.DataFrame:

@@ -21,18 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .choices import METRICS
 from .errors import CircuitsError
 from .io import atomic_write_text
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .model import Model
 
-METRICS = ("logit_diff", "prob_diff", "kl", "l2")
 REFERENCE_METRICS = ("kl", "l2")  # compare with the clean run's logits: no answers needed
+# Does the clean model score high on the metric? (kl and l2 are 0 on the clean run and grow with ablation.)
+HIGHER_IS_BETTER: dict[str, bool] = {"logit_diff": True, "prob_diff": True, "kl": False, "l2": False}
 Metric = str | Callable[[torch.Tensor, "TokenizedTask"], torch.Tensor]
 TEXT_KEYS = ("clean", "corrupted", "answers", "wrong_answers")
 ID_KEYS = ("clean_ids", "corrupted_ids", "answer_ids", "wrong_answer_ids")
@@ -177,12 +180,33 @@ class Task:
 
     ``answers[i]`` and ``wrong_answers[i]`` are one string or a list of strings (a set:
     ``logit_diff`` then compares mean logits, ``prob_diff`` summed probabilities).
-    ``metric`` is ``"logit_diff"``, ``"prob_diff"``, ``"kl"``, ``"l2"`` or a callable
-    ``(logits [B, V], TokenizedTask batch) -> [B]``.
+    ``metric`` is one of ``circuits.choices.METRICS`` or a callable ``(logits [B, V], TokenizedTask
+    batch) -> [B]``; a callable declares ``higher_is_better`` (True when the clean model scores high
+    and ablating what carries the task lowers it), which selecting the edges that carry the task needs.
     """
 
     numeric = False  # tasks from from_outputs: are the outputs values rather than output ids?
     tolerance = 0.0
+    _declared_higher_is_better: bool | None = None
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        """Does the clean model score high on the metric? Known for every named metric; a callable metric's
+        is what the task declared (None if it did not)."""
+        if isinstance(self.metric, str):
+            return HIGHER_IS_BETTER[self.metric]
+        return self._declared_higher_is_better
+
+    def _set_metric(self, metric: Metric, higher_is_better: bool | None) -> None:
+        self.metric = _check_metric(metric)
+        if higher_is_better is not None and not isinstance(higher_is_better, bool):
+            raise CircuitsError(f"higher_is_better must be True, False or None, got {higher_is_better!r}")
+        if isinstance(metric, str) and higher_is_better not in (None, HIGHER_IS_BETTER[metric]):
+            raise CircuitsError(
+                f"metric {metric!r} has higher_is_better={HIGHER_IS_BETTER[metric]}; "
+                f"higher_is_better={higher_is_better} contradicts it"
+            )
+        self._declared_higher_is_better = higher_is_better
 
     def __init__(
         self,
@@ -192,9 +216,10 @@ class Task:
         answers: Sequence[str | Sequence[str]],
         wrong_answers: Sequence[str | Sequence[str]],
         metric: Metric = "logit_diff",
+        higher_is_better: bool | None = None,
     ):
         self.name = _check_name(name)
-        self.metric = _check_metric(metric)
+        self._set_metric(metric, higher_is_better)
         _check_lengths(self.name, clean=clean, corrupted=corrupted, answers=answers, wrong_answers=wrong_answers)
         for i in range(len(clean)):
             for field, prompt in (("clean", clean[i]), ("corrupted", corrupted[i])):
@@ -216,6 +241,7 @@ class Task:
         answer_ids: Sequence[int | Sequence[int]] | torch.Tensor | np.ndarray,
         wrong_answer_ids: Sequence[int | Sequence[int]] | torch.Tensor | np.ndarray,
         metric: Metric = "logit_diff",
+        higher_is_better: bool | None = None,
     ) -> Task:
         """A task given as token ids, for models without a tokenizer.
 
@@ -224,7 +250,7 @@ class Task:
         """
         task = cls.__new__(cls)
         task.name = _check_name(name)
-        task.metric = _check_metric(metric)
+        task._set_metric(metric, higher_is_better)
         clean_ids = _as_lists(task.name, "clean_ids", clean_ids, (2,))
         corrupted_ids = _as_lists(task.name, "corrupted_ids", corrupted_ids, (2,))
         answer_ids = _as_lists(task.name, "answer_ids", answer_ids, (1, 2))
@@ -256,6 +282,7 @@ class Task:
         metric: Metric = "l2",
         numeric: bool = False,
         tolerance: float = 1e-3,
+        higher_is_better: bool | None = None,
     ) -> Task:
         """A task scored at several positions per example against known outputs (e.g. a compiled program's).
 
@@ -269,7 +296,7 @@ class Task:
         """
         task = cls.__new__(cls)
         task.name = _check_name(name)
-        task.metric = _check_metric(metric)
+        task._set_metric(metric, higher_is_better)
         if isinstance(metric, str) and metric not in REFERENCE_METRICS:
             raise CircuitsError(
                 f"metric {metric!r} needs answer tokens; a task scored against outputs takes kl, l2 or a callable"
@@ -384,12 +411,16 @@ class Task:
         name = name or self.name
         if self.per_position:
             columns = [[self.token_ids[key][i] for i in indices] for key in OUTPUT_KEYS]
-            return Task.from_outputs(name, *columns, self.metric, self.numeric, self.tolerance)
+            return Task.from_outputs(
+                name, *columns, self.metric, self.numeric, self.tolerance, self._declared_higher_is_better
+            )
         if self.token_ids:
             columns = {key: [values[i] for i in indices] for key, values in self.token_ids.items()}
-            return Task.from_token_ids(name, *columns.values(), metric=self.metric)
+            return Task.from_token_ids(
+                name, *columns.values(), metric=self.metric, higher_is_better=self._declared_higher_is_better
+            )
         columns = [[getattr(self, key)[i] for i in indices] for key in TEXT_KEYS]
-        return Task(name, *columns, metric=self.metric)
+        return Task(name, *columns, metric=self.metric, higher_is_better=self._declared_higher_is_better)
 
     def subset(self, n: int) -> Task:
         """The first ``n`` examples."""
@@ -460,6 +491,8 @@ class Task:
     # --- the model on the task -----------------------------------------------------------
     def baseline(self, model: Model, batch_size: int = 32) -> Baseline:
         """The metric on clean and corrupted prompts, and the clean accuracy."""
+        import pandas as pd
+
         from .engine import patched_forward
 
         tokenized = self.tokenize(model.tokenizer).to(model.device)
@@ -679,4 +712,4 @@ def _pack_outputs(clean_ids, corrupted_ids, outputs, positions, numeric: bool, t
     )
 
 
-__all__ = ["METRICS", "REFERENCE_METRICS", "Baseline", "Task", "TokenizedTask", "correct", "metric_values"]
+__all__ = ["HIGHER_IS_BETTER", "REFERENCE_METRICS", "Baseline", "Task", "TokenizedTask", "correct", "metric_values"]

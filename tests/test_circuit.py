@@ -97,13 +97,35 @@ def test_most_helpful_keeps_the_original_signed_scores():
     assert torch.equal(circuit.scores.nan_to_num(), scores.tensor.nan_to_num())
 
 
-def test_most_helpful_needs_a_direction_for_a_custom_metric():
+def test_most_helpful_of_a_custom_metric_needs_its_declared_direction():
     scores = two_path_scores("custom")
-    with pytest.raises(ValueError, match="direction=-1 or \\+1 for the metric 'custom'"):
+    with pytest.raises(circuits.CircuitsError, match="higher_is_better"):
         scores.most_helpful(1)
-    assert scores.most_helpful(1, direction=-1).edges == ["input->logits"]
-    with pytest.raises(ValueError, match="direction must be -1 or \\+1, got 0"):
-        scores.most_helpful(1, direction=0)
+    assert scores.most_helpful(1, higher_is_better=True).edges == ["input->logits"]
+    assert scores.most_helpful(2, higher_is_better=False).edges == ["input->m0", "m0->logits"]
+
+
+def test_a_custom_metric_declares_its_direction_on_the_task_and_attribute_carries_it(task):
+    def answer_logit(logits, batch):
+        return logits.gather(1, batch.answer_ids[:, :1]).squeeze(1)
+
+    ids = task.token_ids
+    declared = circuits.Task.from_token_ids(
+        "declared", ids["clean_ids"], ids["corrupted_ids"], ids["answer_ids"], ids["wrong_answer_ids"],
+        metric=answer_logit, higher_is_better=True,
+    )  # fmt: skip
+    model = circuits.Model.from_hf(tiny_hf("llama"))
+    scores = circuits.attribute(model, declared, "eap", progress=False)
+    assert scores.meta["higher_is_better"] is True
+    assert torch.equal(scores.most_helpful(20).mask, scores.most_helpful(20, higher_is_better=True).mask)
+
+
+def test_every_named_metric_knows_its_direction_and_a_contradiction_is_refused():
+    assert set(circuits.task.HIGHER_IS_BETTER) == set(circuits.choices.METRICS)
+    ids = [[1, 2, 3]]
+    assert circuits.Task.from_token_ids("t", ids, ids, [4], [5], metric="kl").higher_is_better is False
+    with pytest.raises(circuits.CircuitsError, match="contradicts"):
+        circuits.Task.from_token_ids("t", ids, ids, [4], [5], metric="kl", higher_is_better=True)
 
 
 def test_greedy_grows_backwards_from_the_logits():
@@ -273,6 +295,33 @@ def test_faithfulness_curve_on_the_mib_grid(task):
     assert curve.frame.faithfulness.iloc[-1] == pytest.approx(1, abs=1e-5)
     assert curve.cpr == pytest.approx(area(curve.frame.fraction, curve.frame.faithfulness))
     assert curve.cmd == pytest.approx(area(curve.frame.fraction, (1 - curve.frame.faithfulness_absolute).abs()))
+
+
+def test_curves_select_by_the_metrics_direction_even_where_the_model_does_worse_than_the_empty_circuit():
+    # The old rule compared the measured full and empty metric; with answers that the clean model
+    # prefers *less* than the corrupted one, full < empty, and it flipped the sign. The one rule reads
+    # the metric: logit_diff is higher-is-better, so the curve's signed circuits are most_helpful's.
+    model = circuits.Model.from_hf(tiny_hf("llama"))
+    clean, corrupted, mask = tiny_pair(batch=6, seq=8, seed=2)
+    lengths = mask.sum(1).tolist()
+    rows = lambda ids: [r[:n].tolist() for r, n in zip(ids, lengths, strict=True)]  # noqa: E731
+    with torch.no_grad():
+        positions = mask.sum(1) - 1
+        last = torch.arange(6), positions
+        corrupted_logits = model.hf(corrupted, attention_mask=mask).logits[last]
+        shift = corrupted_logits - model.hf(clean, attention_mask=mask).logits[last]
+    answers, wrong = shift.argmax(1).tolist(), shift.argmin(1).tolist()  # gains most / least when corrupted
+    task = circuits.Task.from_token_ids("backwards", rows(clean), rows(corrupted), answers, wrong)
+    evaluation = circuits.evaluate(model, task, circuits.Circuit(model.graph, model.graph.real))
+    assert evaluation.full < evaluation.empty  # the case where the old rules disagreed
+    scores = circuits.attribute(model, task, "eap", progress=False)
+    curve = circuits.faithfulness_curve(model, task, scores, fractions=[0.05, 0.2])
+    sizes = curve.frame.edges.tolist()
+    expected = [scores.most_helpful(n) for n in sizes]
+    assert any(not torch.equal(c.mask, scores.most_helpful(n, higher_is_better=False).mask)
+               for c, n in zip(expected, sizes, strict=True))  # fmt: skip
+    for circuit, value in zip(expected, curve.frame.faithfulness, strict=True):
+        assert circuits.evaluate(model, task, circuit).faithfulness == pytest.approx(value, abs=1e-5)
 
 
 def test_roc_auc_matches_a_hand_computation():

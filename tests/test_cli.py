@@ -11,7 +11,7 @@ import pytest
 import circuits
 from circuits import tasks
 from circuits.cli import main
-from circuits.pipeline import FILES, orientation, select_circuit
+from circuits.pipeline import FILES, select_circuit
 from circuits.testing import tiny_hf
 
 
@@ -128,7 +128,7 @@ def test_discover_with_acdc_searches_the_signed_selection_of_candidates_on_the_c
     model = circuits.load_model(str(model_dir))
     task = tasks.get("induction", model.tokenizer, n=8, seed=0)
     scores = circuits.attribute(model, task, "eap", progress=False)
-    pool = select_circuit(scores, 30, "signed", orientation(model, task, "patching", 32))
+    pool = select_circuit(scores, 30, "signed")
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["acdc_metric"], summary["candidates"], summary["selection"]) == ("logit_diff", len(pool), "signed")
     found = json.loads((out / "circuit.json").read_text())

@@ -55,6 +55,7 @@ def attribute(
         "model": model.name,
         "n": len(task),
         "metric": task.metric if isinstance(task.metric, str) else "custom",
+        "higher_is_better": task.higher_is_better,
         "seconds": time.perf_counter() - start,
     }
     if method in GRADIENT_METHODS and GRADIENT_METHODS[method].uses_steps:
