@@ -69,10 +69,10 @@ def patched_forward(
         input_embeddings: ``[B, T, D]`` to use as the ``input`` source's output instead of
             embedding ``input_ids`` (integrated gradients interpolate it).
     """
-    keep = None if edge_mask is None else check_edge_mask(model, edge_mask)
-    if keep is not None and not keep.requires_grad and not keep.any():
-        keep = None  # a constant mask of ones: the plain computation
-    run = _Run.start(model, input_ids, attention_mask, keep, patch, keep_outputs, grad_hook, input_embeddings)
+    removal = None if edge_mask is None else check_edge_mask(model, edge_mask)
+    if removal is not None and not removal.requires_grad and not removal.any():
+        removal = None  # a constant mask of ones: the plain computation
+    run = _Run.start(model, input_ids, attention_mask, removal, patch, keep_outputs, grad_hook, input_embeddings)
     for slots in model.graph.layers:
         run.layer(slots)
     return PatchedOutput(run.logits(logit_positions), torch.cat(run.outputs) if keep_outputs else None)
@@ -101,7 +101,7 @@ class _Run:
         model: Model,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        keep: torch.Tensor | None,
+        removal: torch.Tensor | None,
         patch: torch.Tensor | None,
         keep_outputs: bool = False,
         grad_hook: GradHook | None = None,
@@ -112,7 +112,7 @@ class _Run:
         batch, seq = input_ids.shape
         if patch is not None:
             check_patch(model, patch, batch, seq)
-        deltas = None if keep is None else _Deltas(keep, patch, (batch, seq, model.adapter.d_model))
+        deltas = None if removal is None else _Deltas(removal, patch, (batch, seq, model.adapter.d_model))
         position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         if input_embeddings is None:
             resid = model.adapter.embed(input_ids, position_ids)
@@ -195,10 +195,10 @@ class PrefixCache:
         graph = model.graph
         with torch.no_grad():
             if base_mask is None:
-                keep = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
+                removal = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
             else:
-                keep = check_edge_mask(model, base_mask)
-            run = _Run.start(model, input_ids, attention_mask, keep, patch)
+                removal = check_edge_mask(model, base_mask)
+            run = _Run.start(model, input_ids, attention_mask, removal, patch)
             self.ctx = run.ctx
             self.states = []  # per layer: (stream, sum of deltas) before that layer
             for slots in graph.layers:
@@ -224,9 +224,9 @@ class PrefixCache:
             self.working[self.dirty_from : start] = self.base_deltas[self.dirty_from : start]
         self.dirty_from = min(self.dirty_from, start)
         with torch.no_grad():
-            keep = check_edge_mask(self.model, edge_mask)
+            removal = check_edge_mask(self.model, edge_mask)
             resid, total = self.states[from_layer]
-            deltas = _Deltas(keep, self.patch, tuple(resid.shape), buffer=self.working, total=total.clone())
+            deltas = _Deltas(removal, self.patch, tuple(resid.shape), buffer=self.working, total=total.clone())
             deltas.count = start
             run = _Run(self.model, self.ctx, resid, deltas)
             for slots in graph.layers[from_layer:]:
@@ -296,8 +296,9 @@ class _Ablations:
 class _Deltas:
     """The sources' ``out_u - patch_u`` so far, and the destination reads they imply.
 
-    ``keep`` is ``1 - edge_mask``. A read is ``resid - keep^T @ deltas`` or, when
-    fewer sources are kept than ablated, the equivalent ``ablated + (1 - keep)^T @ deltas``
+    ``removal`` is ``1 - edge_mask``: how much of each source's delta a destination loses. A read is
+    ``resid - removal^T @ deltas`` or, when fewer sources are kept than ablated, the equivalent
+    ``ablated + edge_mask^T @ deltas``
     with ``ablated = resid - sum(deltas)`` (every source patched). A constant mask (every
     entry c, as integrated gradients use) needs no per-destination inputs at all: every
     destination reads ``resid - (1 - c) * sum(deltas)``. Without autograd the deltas live in
@@ -309,22 +310,22 @@ class _Deltas:
 
     def __init__(
         self,
-        keep: torch.Tensor,
+        removal: torch.Tensor,
         patch: torch.Tensor | None,
         shape: tuple[int, int, int],
         buffer: torch.Tensor | None = None,
         total: torch.Tensor | None = None,
     ):
-        self.keep, self.patch, self.shape = keep, patch, shape
+        self.removal, self.patch, self.shape = removal, patch, shape
         self.differentiable = torch.is_grad_enabled()
         self.chunks: list[torch.Tensor] = []
         self.count = 0
-        first = keep.flatten()[0]
-        self.uniform = None if keep.requires_grad or not bool((keep == first).all()) else first
-        options = dict(dtype=keep.dtype, device=keep.device)
+        first = removal.flatten()[0]
+        self.uniform = None if removal.requires_grad or not bool((removal == first).all()) else first
+        options = dict(dtype=removal.dtype, device=removal.device)
         self.total = torch.zeros(shape, **options) if total is None else total
         if not self.differentiable:
-            self.buffer = torch.empty(keep.shape[0], math.prod(shape), **options) if buffer is None else buffer
+            self.buffer = torch.empty(removal.shape[0], math.prod(shape), **options) if buffer is None else buffer
 
     def add(self, start: int, out: torch.Tensor) -> None:
         delta = out if self.patch is None else out - self.patch[start : start + len(out)]
@@ -340,29 +341,29 @@ class _Deltas:
         assert n_reads == self.count, "a destination reads every source computed before it"
         if self.uniform is not None:
             return (resid - self.uniform * self.total).unsqueeze(0)
-        keep = self.keep[:n_reads, destinations]
-        n = keep.shape[1]
+        removal = self.removal[:n_reads, destinations]
+        n = removal.shape[1]
         if self.differentiable:
             removed = None
             start = 0
             for delta in self.chunks:
                 if start >= n_reads:
                     break
-                weights = keep[start : start + len(delta)]
+                weights = removal[start : start + len(delta)]
                 start += len(delta)
                 if weights.requires_grad or weights.any():
                     term = (weights.T @ delta.flatten(1)).view(n, *self.shape)
                     removed = term if removed is None else removed + term
             return resid.unsqueeze(0) if removed is None else resid.unsqueeze(0) - removed
-        ablated_rows = keep.any(1).nonzero().flatten()
+        ablated_rows = removal.any(1).nonzero().flatten()
         if len(ablated_rows) == 0:
             return resid.unsqueeze(0)  # nothing ablated here: every destination reads the same stream
-        kept = 1 - keep
-        kept_rows = kept.any(1).nonzero().flatten()
+        mask = 1 - removal
+        kept_rows = mask.any(1).nonzero().flatten()
         if len(kept_rows) < len(ablated_rows):
-            added = self._contract(kept, kept_rows)
+            added = self._contract(mask, kept_rows)
             return (resid - self.total).unsqueeze(0) + added.view(n, *self.shape)
-        return resid.unsqueeze(0) - self._contract(keep, ablated_rows).view(n, *self.shape)
+        return resid.unsqueeze(0) - self._contract(removal, ablated_rows).view(n, *self.shape)
 
     def _contract(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``weights^T @ deltas`` over the given rows; a gather pays off only when they are few."""
@@ -514,7 +515,7 @@ def check_batch(
 
 
 def check_edge_mask(model: Model, edge_mask: torch.Tensor) -> torch.Tensor:
-    """Validate an edge mask; returns ``1 - mask`` in the model's dtype (the weight on each delta)."""
+    """Validate an edge mask; returns its removal ``1 - mask`` in the model's dtype (the weight on each delta)."""
     graph = model.graph
     expected = (graph.n_src, graph.n_dst)
     if not isinstance(edge_mask, torch.Tensor) or tuple(edge_mask.shape) != expected:
