@@ -133,9 +133,10 @@ class Circuit:
         return int(self.mask.sum())
 
     # --- files and views (circuits/export.py) ----------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the EAP-IG/MIB JSON layout (every edge with score and in_graph, plus ``meta``), atomically."""
-        return export.save(self, path)
+    def save(self, path: str | Path, full: bool = True) -> Path:
+        """Write the EAP-IG/MIB JSON layout (every edge with score and in_graph, plus ``meta``), atomically;
+        ``full=False`` lists only the circuit's own edges and nodes (``Circuit.load`` reads both)."""
+        return export.save(self, path, full=full)
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> Circuit:

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="more methods whose faithfulness curves are drawn alongside",
     )
     discover.add_argument("--ig-steps", type=_positive, default=5)
+    discover.add_argument(
+        "--full-json",
+        action="store_true",
+        help="circuit.json lists every edge (the EAP-IG/MIB layout), not the circuit's",
+    )
     discover.add_argument("--out", required=True, type=Path, help="output folder")
     discover.set_defaults(run=run_discover)
 
@@ -102,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(evaluate, required=False)
     _task_options(evaluate)
     evaluate.add_argument("--ablation", choices=ABLATIONS, help="default: the circuit's own")
+    evaluate.add_argument(
+        "--scores", type=Path, help="every edge's score for the curve (default: scores.csv beside the circuit file)"
+    )
     evaluate.add_argument("--out", type=Path, help="folder for evaluation.json and faithfulness.png")
     evaluate.set_defaults(run=run_evaluate)
 
@@ -233,6 +241,7 @@ def run_discover(args: argparse.Namespace) -> int:
         ig_steps=args.ig_steps,
         progress=not args.quiet,
         log=_log(args),
+        full_json=args.full_json,
     )
     e, c = summary["evaluation"], summary["circuit"]
     print(f"circuit: {c['edges']} edges, {c['nodes']} nodes; faithfulness {e['faithfulness']:.3f}")
@@ -247,7 +256,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .circuit import Circuit
     from .evaluate import evaluate, faithfulness_curve
     from .io import atomic_write_text
-    from .pipeline import scores_from_circuit
+    from .pipeline import scores_for
 
     task = _read_task(args)
     circuit = Circuit.load(args.circuit)
@@ -278,10 +287,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"faithfulness {evaluation.faithfulness:.3f} (metric full {evaluation.full:.3f}, circuit "
         f"{evaluation.circuit:.3f}, empty {evaluation.empty:.3f}); circuit accuracy {evaluation.accuracy:.3f}"
     )
-    scores = scores_from_circuit(circuit)
+    scores_csv = args.scores or args.circuit.with_name("scores.csv")
+    if args.scores is not None and not args.scores.is_file():
+        raise UsageError(f"scores file {args.scores} does not exist")
+    scores = scores_for(circuit, scores_csv if scores_csv.is_file() else None)
     curve = None
     if scores is None:
-        print("no curve: the circuit file does not carry a score for every edge")
+        print(f"no curve: neither the circuit file nor {scores_csv} has a score for every edge")
     else:
         log("faithfulness curve on the MIB grid")
         curve = faithfulness_curve(model, task, scores, ablation=ablation, batch_size=args.batch_size)

@@ -2,9 +2,10 @@
 
 JSON layout (read and written): ``{"cfg": {...}, "nodes": {name: {"in_graph": bool}},
 "edges": {name: {"score": float | null, "in_graph": bool}}, "meta": {...}}`` with every edge
-of the graph listed. For grouped-query models ``to_mib_json`` repeats each ``<k>``/``<v>`` edge
-for every query head of its key/value group, as MIB's ungrouped graphs name them; loading
-accepts both forms.
+of the graph listed (``full=True``, the layout EAP-IG and MIB read), or only the circuit's own
+edges and nodes (``full=False``: a few KB instead of MBs; an edge not listed is not in the circuit).
+For grouped-query models ``to_mib_json`` repeats each ``<k>``/``<v>`` edge for every query head of
+its key/value group, as MIB's ungrouped graphs name them; loading accepts every form.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def to_json_dict(circuit: EdgeSet, expand_gqa: bool = False) -> dict[str, Any]:
+def to_json_dict(circuit: EdgeSet, expand_gqa: bool = False, full: bool = True) -> dict[str, Any]:
     graph = circuit.graph
     scores = circuit.scores
     cfg = {
@@ -73,10 +74,11 @@ def to_json_dict(circuit: EdgeSet, expand_gqa: bool = False) -> dict[str, Any]:
         "n_kv_heads": graph.n_kv_heads,
         "parallel_attn_mlp": graph.parallel,
     }
-    in_graph_nodes = set(graph.nodes_of(circuit.mask))
-    nodes = {name: {"in_graph": name in in_graph_nodes} for name in [*graph.sources, "logits"]}
+    in_graph_nodes = graph.nodes_of(circuit.mask)
+    listed_nodes = [*graph.sources, "logits"] if full else in_graph_nodes
+    nodes = {name: {"in_graph": name in in_graph_nodes} for name in listed_nodes}
     edges = {}
-    rows, cols = graph.real.nonzero(as_tuple=True)
+    rows, cols = (graph.real if full else circuit.mask & graph.real).nonzero(as_tuple=True)
     for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
         score = None if scores is None or math.isnan(float(scores[i, j])) else float(scores[i, j])
         entry = {"score": score, "in_graph": bool(circuit.mask[i, j])}
@@ -96,8 +98,8 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def save(circuit: EdgeSet, path: str | Path, expand_gqa: bool = False) -> Path:
-    return atomic_write_text(path, json.dumps(to_json_dict(circuit, expand_gqa), indent=1))
+def save(circuit: EdgeSet, path: str | Path, expand_gqa: bool = False, full: bool = True) -> Path:
+    return atomic_write_text(path, json.dumps(to_json_dict(circuit, expand_gqa, full), indent=1))
 
 
 def load(path: str | Path, graph: Graph | None = None) -> CircuitData:
@@ -235,6 +237,35 @@ def to_dot(circuit: EdgeSet) -> str:
         lines += [f'  "{graph.sources[i]}" -> "{target}" [{", ".join(attributes)}];' for target in targets]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def read_scores_csv(path: str | Path, graph: Graph) -> torch.Tensor:
+    """Edge scores ``[n_src, n_dst]`` from a table with ``edge`` and ``score`` columns (``Scores.to_frame``'s CSV);
+    every edge of ``graph`` must have one finite score. Errors name the file and the offending row or edge."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as error:
+        raise CircuitsError(f"cannot read scores file {path}: {error}") from None
+    if not {"edge", "score"} <= set(table.columns):
+        raise CircuitsError(f"{path} needs 'edge' and 'score' columns, it has {', '.join(map(str, table.columns))}")
+    scores = torch.full((graph.n_src, graph.n_dst), float("nan"))
+    for row, (name, score) in enumerate(zip(table["edge"], table["score"], strict=True), start=2):
+        try:
+            i, j = graph.index(str(name))
+            value = float(score)
+        except (CircuitsError, ValueError) as error:
+            raise CircuitsError(f"{path}, line {row}: {error}") from None
+        if not math.isfinite(value):
+            raise CircuitsError(f"{path}, line {row}: edge {name!r} has score {score!r}; scores must be finite")
+        scores[i, j] = value
+    missing = (scores.isnan() & graph.real).nonzero()
+    if len(missing):
+        i, j = missing[0].tolist()
+        raise CircuitsError(f"{path} has no score for edge {graph.edge_name(i, j)} ({len(missing)} edge(s) missing)")
+    return scores
 
 
 def edge_frame(graph: Graph, mask: torch.Tensor, scores: torch.Tensor | None) -> pd.DataFrame:

@@ -1,8 +1,10 @@
 """Discovery end to end, as the `circuits` command and `make demo` run it: score, select, evaluate, write a folder.
 
-An output folder holds ``circuit.json`` (EAP-IG/MIB layout), ``scores.csv`` (every edge), ``circuit.png``
-and ``circuit.pdf``, ``faithfulness.png``, ``summary.json`` (settings, sizes, metric values, CPR/CMD,
-seconds per phase, versions) and ``summary.md``. Every file is written atomically.
+An output folder holds ``circuit.json`` (the circuit's own edges and nodes with their scores, plus
+``meta``; every edge of the graph in the EAP-IG/MIB layout with ``full_json``), ``scores.csv`` (every
+edge's score), ``circuit.png`` and ``circuit.pdf``, ``faithfulness.png``, ``summary.json`` (settings,
+sizes, metric values, CPR/CMD, seconds per phase, versions) and ``summary.md``. Every file is written
+atomically.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from . import export
 from .choices import SELECTIONS, check_choice, check_positive
 from .circuit import Circuit, Scores, greedy_mask, select
 from .errors import CircuitsError
@@ -72,13 +75,15 @@ def discover(
     ig_steps: int = 5,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    full_json: bool = False,
 ) -> dict[str, Any]:
     """Find ``task``'s circuit in ``model`` and write the output folder ``out``; returns the summary.
 
     ``method`` scores every edge; the circuit is its ``top_n`` edges chosen by ``selection``, or, with
     ``acdc_threshold``, ACDC (on ``acdc_metric``) run on the method's ``candidates`` best edges, chosen
     by the same ``selection``. ``compare`` adds other attribution methods to the faithfulness figure and
-    the summary's CPR/CMD.
+    the summary's CPR/CMD. ``full_json`` writes every edge into circuit.json (the layout EAP-IG and
+    MIB read) instead of the circuit's own.
     """
     check_choice("selection", selection, SELECTIONS)
     check_positive("top_n", top_n)
@@ -121,7 +126,7 @@ def discover(
             curves.append(faithfulness_curve(model, task, other, ablation=ablation, batch_size=batch_size))
     with phases("writing", f"writing {out}"):
         title = f"{model.name} {task.name}: {circuit.meta['method']}"
-        circuit.save(out / "circuit.json")
+        circuit.save(out / "circuit.json", full=full_json)
         atomic_write_text(out / "scores.csv", scores.to_frame().to_csv(index=False))
         circuit.plot(out / "circuit.png", title=title)
         circuit.plot(out / "circuit.pdf", title=title)
@@ -224,11 +229,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def scores_from_circuit(circuit: Circuit) -> Scores | None:
-    """The edge scores a circuit file carries, when it has one for every edge (needed for a curve)."""
-    if circuit.scores is None or bool(circuit.scores[circuit.graph.real].isnan().any()):
+def scores_for(circuit: Circuit, scores_csv: Path | None) -> Scores | None:
+    """Every edge's score for a circuit's curve: from the circuit file when it carries them all (the full
+    layout), else from ``scores_csv`` (discover's scores.csv) when given; None when neither has them."""
+    meta = {**circuit.meta, "method": circuit.meta.get("method", "scores")}
+    if circuit.scores is not None and not bool(circuit.scores[circuit.graph.real].isnan().any()):
+        return Scores(circuit.graph, circuit.scores, meta=meta)
+    if scores_csv is None:
         return None
-    return Scores(circuit.graph, circuit.scores, meta={**circuit.meta, "method": circuit.meta.get("method", "scores")})
+    return Scores(circuit.graph, export.read_scores_csv(scores_csv, circuit.graph), meta=meta)
 
 
 def frame_of(summary: dict[str, Any]) -> pd.DataFrame:

@@ -77,6 +77,54 @@ def test_discover_scores_csv_holds_every_edge(discovered, model_dir):
     assert len(rows) == 1 + len(circuits.load_model(str(model_dir), device="cpu").graph)
 
 
+def test_discovered_circuit_file_lists_only_the_circuits_own_edges_and_nodes(discovered):
+    _, out = discovered
+    data = json.loads((out / "circuit.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(data["edges"]) == summary["circuit"]["edges"]
+    assert all(entry["in_graph"] and entry["score"] is not None for entry in data["edges"].values())
+    assert len(data["nodes"]) == summary["circuit"]["nodes"]
+
+
+def test_discover_with_full_json_lists_every_edge_in_the_eap_ig_layout(model_dir, tmp_path):
+    out = tmp_path / "full"
+    status = main(["discover", "--model", str(model_dir), "--task", "induction", "--n", "4", "--method", "eap",
+                   "--top-n", "10", "--full-json", "--out", str(out), "--quiet"])  # fmt: skip
+    assert status == 0
+    data = json.loads((out / "circuit.json").read_text())
+    graph = circuits.load_model(str(model_dir), device="cpu").graph
+    assert set(data["edges"]) == set(graph.edges) and len(data["nodes"]) == graph.n_src + 1
+    assert (
+        sum(entry["in_graph"] for entry in data["edges"].values())
+        == json.loads((out / "summary.json").read_text())["circuit"]["edges"]
+    )
+
+
+def test_evaluate_without_every_score_draws_no_curve(discovered, tmp_path, capsys):
+    _, out = discovered
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "circuit.json").write_text((out / "circuit.json").read_text())
+    status = main(["evaluate", str(alone / "circuit.json"), "--task", "induction", "--n", "8", "--out", str(tmp_path),
+                   "--quiet"])  # fmt: skip
+    assert status == 0
+    assert "no curve" in capsys.readouterr().out
+    assert "cpr" not in json.loads((tmp_path / "evaluation.json").read_text())
+
+
+def test_evaluate_names_the_line_of_a_broken_scores_file(discovered, tmp_path, capsys):
+    _, out = discovered
+    broken = tmp_path / "scores.csv"
+    lines = (out / "scores.csv").read_text().splitlines()
+    lines[3] = lines[3].replace(lines[3].split(",")[0], "a0.h0->nowhere", 1)
+    broken.write_text("\n".join(lines) + "\n")
+    status = main(["evaluate", str(out / "circuit.json"), "--scores", str(broken), "--task", "induction", "--n", "8",
+                   "--quiet"])  # fmt: skip
+    assert status == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "scores.csv, line 4" in line and "nowhere" in line
+
+
 def test_discovered_circuit_file_loads_with_its_edges(discovered, model_dir):
     _, out = discovered
     circuit = circuits.Circuit.load(out / "circuit.json", circuits.load_model(str(model_dir), device="cpu"))
