@@ -4,8 +4,10 @@
     .venv/bin/python results/run.py --tasks ioi sva --force
 
 Each run is `circuits discover` into results/<task>/<method>/ (circuit.json, scores.csv, figures,
-summary.json, summary.md); a run whose summary.json exists is skipped unless --force, so an
-interrupted job resumes. Then results/README.md gets the table task x method, built from the summaries.
+summary.json, summary.md). git holds all but scores.csv (every edge's score, ~4 MB a run): a run is
+finished when its summary.json and scores.csv exist, and is skipped then unless --force, so an
+interrupted job resumes and a fresh clone rebuilds the per-edge files. Then results/README.md gets
+the table task x method, built from the summaries.
 (No folder under results/ may be named like a package this script imports: the script's folder comes
 first on sys.path, so results/tasks/ would shadow the catalogue.)
 """
@@ -42,7 +44,7 @@ COLUMNS = ["task", "method", "edges", "nodes", "faithfulness", "CPR", "CMD", "se
 
 def run(task: str, name: str, force: bool) -> None:
     out = HERE / task / name
-    if (out / "summary.json").exists() and not force:
+    if (out / "summary.json").exists() and (out / "scores.csv").exists() and not force:
         print(f"{task} / {name}: done before, skipped (--force reruns it)")
         return
     print(f"{task} / {name}", flush=True)
@@ -98,9 +100,13 @@ def readme(frame: pd.DataFrame) -> str:
         "# Reference results",
         "",
         f"Every catalogue task on the bundled SmolLM2-135M (fp32, CPU), {N} examples each (seed 0), patching",
-        "ablation, logit-difference metric. Reproduce with `make results` (it skips finished runs; `--force` redoes",
-        "them). Each row is one `circuits discover` run; its folder holds circuit.json, scores.csv, the figures and",
-        "summary.json/summary.md.",
+        "ablation, logit-difference metric. Each row is one `circuits discover` run; its folder holds circuit.json",
+        "(the circuit's own edges with their scores), the figures and summary.json/summary.md. Every edge's score",
+        "(scores.csv, about 4 MB a run) is not kept in git: `make results` rebuilds it, rerunning each run whose",
+        "scores.csv is missing (on a fresh clone, all of them: about 35 minutes on 2 idle CPU cores plus loading;",
+        "`--tasks` and `--methods` pick some, `--force` redoes finished ones). `circuits evaluate",
+        "DIR/circuit.json --task TASK` reads DIR/scores.csv for the faithfulness curve; `circuits discover ...",
+        "--full-json` writes circuit.json with every edge in the EAP-IG/MIB layout.",
         "",
         f"- **eap-ig-inputs**: the {TOP_N} edges whose scores say they carry the task (signed, the CPR ordering),",
         "  pruned. CPR/CMD: the method's faithfulness curve on MIB's grid of circuit sizes.",
