@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench results clean
+.PHONY: setup demo test test-fast lint bench results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ demo: setup
 	$(VENV)/bin/circuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --compare eap \
 		--top-n 200 --n 64 --out results/demo
 
+# The whole suite (what CI runs); test-fast skips the tests marked slow (the real SmolLM2 model, the notebooks)
 test: setup
 	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" -q
 
 lint: setup
 	$(VENV)/bin/ruff check circuits tasks tests benchmarks scripts results/run.py results/ground_truth/run.py notebooks/run.py
