@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import export
+from .choices import LEVELS, Level
 from .errors import CircuitsError
 from .graph import Graph
 from .task import HIGHER_IS_BETTER
@@ -25,9 +26,9 @@ class Scores:
     A score estimates mean metric(with the edge or node ablated) minus mean metric(clean).
     """
 
-    def __init__(self, graph: Graph, tensor: torch.Tensor, level: str = "edge", meta: dict[str, Any] | None = None):
+    def __init__(self, graph: Graph, tensor: torch.Tensor, level: Level = "edge", meta: dict[str, Any] | None = None):
         expected = (graph.n_src, graph.n_dst) if level == "edge" else (graph.n_src,)
-        if level not in ("edge", "node") or tuple(tensor.shape) != expected:
+        if level not in LEVELS or tuple(tensor.shape) != expected:
             raise CircuitsError(f"{level} scores need shape {list(expected)}, got {tuple(tensor.shape)}")
         self.graph, self.level, self.meta = graph, level, dict(meta or {})
         self.tensor = tensor.detach().float().cpu()

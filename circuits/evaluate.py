@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .choices import ABLATIONS, check_choice, check_positive
+from .choices import ABLATIONS, Ablation, check_choice, check_positive
 from .circuit import Circuit, Scores, edge_mask_from, prune, top_n_mask
 from .engine import patched_forward
 from .errors import CircuitsError
@@ -44,7 +44,7 @@ class Evaluation:
 
 
 def masked_metrics(
-    model: Model, task: Task, masks: Sequence[torch.Tensor], ablation: str = "patching", batch_size: int = 32
+    model: Model, task: Task, masks: Sequence[torch.Tensor], ablation: Ablation = "patching", batch_size: int = 32
 ) -> tuple[pd.DataFrame, list[np.ndarray], list[np.ndarray]]:
     """Per-example metric of the full model, the empty circuit and each edge mask (one forward per mask and batch).
 
@@ -86,7 +86,7 @@ def faithfulness(circuit_value: float, full: float, empty: float) -> float:
 
 
 def evaluate(
-    model: Model, task: Task, circuit: Circuit, ablation: str = "patching", batch_size: int = 32
+    model: Model, task: Task, circuit: Circuit, ablation: Ablation = "patching", batch_size: int = 32
 ) -> Evaluation:
     """Faithfulness of ``circuit`` on ``task``: its edges kept, every other edge ablated."""
     if circuit.graph.n_src != model.graph.n_src or circuit.graph.n_dst != model.graph.n_dst:
@@ -129,7 +129,7 @@ def faithfulness_curve(
     task: Task,
     scores: Scores,
     fractions: Sequence[float] = MIB_FRACTIONS,
-    ablation: str = "patching",
+    ablation: Ablation = "patching",
     batch_size: int = 32,
     label: str | None = None,
 ) -> Curve:

@@ -40,7 +40,7 @@ LAYER_NORM_EPS = 1e-5
 
 @dataclass
 class NativeConfig:
-    """The shape of a ``NativeTransformer``. Bad values raise ValueError naming the field."""
+    """The shape of a ``NativeTransformer``. Bad values raise CircuitsError (a ValueError) naming the field."""
 
     vocab_size: int
     n_layers: int

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from . import export
-from .choices import SELECTIONS, check_choice, check_positive
+from .choices import SELECTIONS, Ablation, Method, MetricName, Selection, check_choice, check_positive
 from .circuit import Circuit, Scores, greedy_mask, select
 from .errors import CircuitsError
 from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve
@@ -47,7 +47,7 @@ class Phases:
         self.seconds[name] = round(time.perf_counter() - start, 2)
 
 
-def select_circuit(scores: Scores, n: int, how: str) -> Circuit:
+def select_circuit(scores: Scores, n: int, how: Selection) -> Circuit:
     """The ``n``-edge circuit by ``how``: ``signed`` (the edges whose ablation hurts the task most, the CPR
     ordering), ``absolute`` (largest |score|) or ``greedy`` (grown from the logits by |score|); pruned."""
     check_choice("selection", how, SELECTIONS)
@@ -63,13 +63,13 @@ def discover(
     model: Model,
     task: Task,
     out: str | Path,
-    method: str = "eap-ig-inputs",
-    ablation: str = "patching",
+    method: Method = "eap-ig-inputs",
+    ablation: Ablation = "patching",
     top_n: int = 200,
-    selection: str = "signed",
+    selection: Selection = "signed",
     acdc_threshold: float | None = None,
     candidates: int = 500,
-    acdc_metric: str = "kl",
+    acdc_metric: MetricName = "kl",
     compare: Sequence[str] = (),
     batch_size: int = 32,
     ig_steps: int = 5,

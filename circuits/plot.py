@@ -78,7 +78,7 @@ def plot_circuit(
     ending in ``.png`` (``dpi=200``), ``.pdf`` or ``.svg`` saves the figure there atomically and
     returns it (a figure not registered with pyplot, so nothing stays open); an ``Axes`` is drawn
     into (``figsize`` is then ignored; the legend goes below it) and its figure returned. An
-    unknown extension raises ValueError before anything is drawn or written.
+    unknown extension raises CircuitsError before anything is drawn or written.
     ``title=None`` gives a summary title (edge and node counts, plus ``meta`` task/method when
     present); ``title=""`` gives none.
     """
@@ -222,7 +222,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Save ``fig`` atomically: to a temporary file in the same folder, then renamed over ``path``.
 
     The format follows the extension (``.png`` at ``dpi=200``, ``.pdf``, ``.svg``); an unknown one
-    raises ValueError before anything is written. On failure an existing file is left as it was.
+    raises CircuitsError before anything is written. On failure an existing file is left as it was.
     """
     path = Path(path)
     fmt = _format(path)
@@ -256,7 +256,7 @@ def _target(path_or_ax: Any) -> tuple[Path | None, Axes | None]:
         path = Path(path_or_ax)
         _format(path)  # fail before drawing or writing anything
         return path, None
-    raise TypeError(f"path_or_ax must be None, a path or a matplotlib Axes, not {type(path_or_ax).__name__}")
+    raise CircuitsError(f"path_or_ax must be None, a path or a matplotlib Axes, not {type(path_or_ax).__name__}")
 
 
 def _figure(ax: Axes | None, figsize: tuple[float, float], pyplot: bool) -> Figure:

@@ -6,7 +6,7 @@
 
 With a tokenizer, every generator keeps only the names, words and answers that are one token, and only
 pairs whose clean and corrupted prompts tokenize to the same length; it returns exactly ``n`` examples
-or raises ``ValueError``. Without one it returns text built from word lists chosen to be single tokens
+or raises ``circuits.CircuitsError``. Without one it returns text built from word lists chosen to be single tokens
 in common tokenizers (induction, which is naturally about token ids, returns ids 1..60 for the tiny
 test models). A seed always gives the same task; the generators draw from their own ``random.Random``.
 """

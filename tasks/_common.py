@@ -75,7 +75,7 @@ def build(
 ) -> Task:
     """A task of exactly ``n`` examples from ``draw``, skipping draws whose pair lengths or answers do not fit.
 
-    ``draw`` returns ``None`` to skip a draw of its own. Raises ``ValueError`` if too few draws fit.
+    ``draw`` returns ``None`` to skip a draw of its own. Raises ``CircuitsError`` if too few draws fit.
     """
     if n < 1:
         raise CircuitsError(f"a task needs n >= 1 examples, got {n}")

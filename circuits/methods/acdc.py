@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..choices import ABLATIONS, METRICS, check_choice, check_positive
+from ..choices import ABLATIONS, METRICS, Ablation, MetricName, check_choice, check_positive
 from ..circuit import Circuit, edge_mask_from
 from ..engine import PrefixCache, patched_forward
 from ..errors import CircuitsError
@@ -54,8 +54,8 @@ def acdc(
     model: Model,
     task: Task,
     threshold: float,
-    metric: str = "kl",
-    ablation: str = "patching",
+    metric: MetricName = "kl",
+    ablation: Ablation = "patching",
     candidates: Any = None,
     checkpoint: str | Path | None = None,
     progress: bool = True,
