@@ -15,7 +15,6 @@ environment (a short message and the hint to rerun with CIRCUITS_DEBUG=1 for the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -46,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        print("circuits: interrupted (files already written are complete)", file=sys.stderr)
+        print(f"circuits: interrupted (files already written are complete){_resume_hint(args)}", file=sys.stderr)
         return 130
     except Exception as error:
         if os.environ.get("CIRCUITS_DEBUG"):
@@ -100,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="circuit.json lists every edge (the EAP-IG/MIB layout), not the circuit's",
     )
     discover.add_argument("--out", required=True, type=Path, help="output folder")
+    discover.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="DIR",
+        help="folder for the resumable state of each long phase: rerun the same command to resume where it stopped",
+    )
     discover.set_defaults(run=run_discover)
 
     evaluate = commands.add_parser("evaluate", help="faithfulness of a circuit file, and its curve when it has scores")
@@ -167,23 +172,27 @@ def _log(args: argparse.Namespace):
     return (lambda message: None) if args.quiet else (lambda message: print(f"[circuits] {message}", file=sys.stderr))
 
 
-def _load_model(args: argparse.Namespace, name: str):
-    from .model import load_model
+def _load_model(args: argparse.Namespace, name: str, named_by: Path | None = None):
+    """The model ``name`` on ``--device`` (checked first: any unavailable backend is a one-line error). A local
+    folder is named by its absolute path, which the circuit meta and summary keep so that ``circuits evaluate``
+    finds it from any folder. ``named_by``: the circuit file that named the model (its errors say: pass --model)."""
+    from .model import SMOLLM2, load_model, resolve_device
 
-    device = args.device
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except RuntimeError:
-            raise UsageError(f"unknown device {args.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"device {args.device!r} asked for, but CUDA is not available here")
+    device = resolve_device(args.device)
+    if name != SMOLLM2 and Path(name).exists():
+        name = str(Path(name).resolve())
     if args.quiet:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
     _log(args)(f"loading model {name}")
-    return load_model(name, device=device, dtype=DTYPES[args.dtype])
+    try:
+        return load_model(name, device=device, dtype=DTYPES[args.dtype])
+    except CircuitsError as error:
+        if named_by is None:
+            raise
+        reason = (str(error).splitlines() or [""])[0]
+        raise UsageError(f"{named_by} names model {name!r}, which cannot be loaded; pass --model ({reason})") from None
 
 
 def _read_task(args: argparse.Namespace):
@@ -197,6 +206,8 @@ def _read_task(args: argparse.Namespace):
         if args.task not in tasks.available():
             raise UsageError(f"unknown task {args.task!r}; available tasks: {', '.join(tasks.available())}")
         return None
+    if args.task_file.is_dir():
+        raise UsageError(f"task file {args.task_file} is a folder; give a JSONL file")
     if not args.task_file.is_file():
         raise UsageError(f"task file {args.task_file} does not exist")
     task = Task.from_jsonl(args.task_file, metric=args.metric)
@@ -215,14 +226,30 @@ def _fit_task(args: argparse.Namespace, task, model):
 
         task = tasks.get(args.task, model.tokenizer, n=args.n or 64, seed=args.seed)
         task.metric = args.metric
-    task.tokenize(model.tokenizer)
+    task.check(model)  # lengths against the model's positions, every id against its vocabulary
     return task
 
 
-def run_discover(args: argparse.Namespace) -> int:
-    from .pipeline import discover
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted discover run can do next."""
+    if getattr(args, "command", None) != "discover":
+        return ""
+    if args.checkpoint is None:
+        return "; rerun with --checkpoint DIR to make a long run resumable"
+    return f"; rerun the same command to resume from {args.checkpoint}"
 
+
+def run_discover(args: argparse.Namespace) -> int:
+    from .io import check_writable_folder
+    from .methods import check_gradient_metric
+    from .pipeline import check_output_folder, discover
+
+    for method in (args.method, *args.compare):  # the task's metric is --metric: refuse before the model loads
+        check_gradient_metric(method, args.metric, args.ig_steps)
     task = _read_task(args)
+    check_output_folder(args.out)
+    if args.checkpoint is not None:
+        check_writable_folder(args.checkpoint, "--checkpoint folder")
     model = _load_model(args, args.model)
     task = _fit_task(args, task, model)
     summary = discover(
@@ -242,6 +269,7 @@ def run_discover(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         log=_log(args),
         full_json=args.full_json,
+        checkpoint=args.checkpoint,
     )
     e, c = summary["evaluation"], summary["circuit"]
     print(f"circuit: {c['edges']} edges, {c['nodes']} nodes; faithfulness {e['faithfulness']:.3f}")
@@ -255,15 +283,17 @@ def run_discover(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from .circuit import Circuit
     from .evaluate import evaluate, faithfulness_curve
-    from .io import atomic_write_text
-    from .pipeline import scores_for
+    from .io import check_writable_folder, write_json
+    from .pipeline import number_text, scores_for, undefined_notes
 
     task = _read_task(args)
+    if args.out is not None:
+        check_writable_folder(args.out, "--out folder")
     circuit = Circuit.load(args.circuit)
     name = args.model or circuit.meta.get("model")
-    if not name:
+    if not name or not isinstance(name, str):
         raise UsageError(f"{args.circuit} does not name its model; pass --model")
-    model = _load_model(args, name)
+    model = _load_model(args, name, named_by=None if args.model else args.circuit)
     circuit = Circuit.load(args.circuit, model)
     task = _fit_task(args, task, model)
     ablation = args.ablation or circuit.meta.get("ablation", "patching")
@@ -284,7 +314,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "accuracy_circuit": evaluation.accuracy,
     }
     print(
-        f"faithfulness {evaluation.faithfulness:.3f} (metric full {evaluation.full:.3f}, circuit "
+        f"faithfulness {number_text(evaluation.faithfulness)} (metric full {evaluation.full:.3f}, circuit "
         f"{evaluation.circuit:.3f}, empty {evaluation.empty:.3f}); circuit accuracy {evaluation.accuracy:.3f}"
     )
     scores_csv = args.scores or args.circuit.with_name("scores.csv")
@@ -298,10 +328,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         log("faithfulness curve on the MIB grid")
         curve = faithfulness_curve(model, task, scores, ablation=ablation, batch_size=args.batch_size)
         result.update(cpr=curve.cpr, cmd=curve.cmd, curve=curve.frame.to_dict(orient="list"))
-        print(f"CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}")
+        print(f"CPR {number_text(curve.cpr)}, CMD {number_text(curve.cmd)}")
+    result["notes"] = undefined_notes(result)  # evaluation.json is strict JSON: an undefined value is null
+    for note in result["notes"]:
+        print(f"note: {note}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "evaluation.json", json.dumps(result, indent=1))
+        write_json(args.out / "evaluation.json", result)
         if curve is not None:
             curve.plot(path=args.out / "faithfulness.png")
         print(f"wrote {args.out}/")

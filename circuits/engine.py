@@ -29,6 +29,7 @@ from .graph import LayerSlots
 
 if TYPE_CHECKING:
     from .model import Model
+    from .task import TokenizedTask
 
 GradHook = Callable[[slice, torch.Tensor], None]
 
@@ -495,6 +496,7 @@ def check_batch(
             f"example {b}, position {t}: token id {int(input_ids[b, t])} is outside the vocabulary (0..{vocab - 1})"
         )
     if attention_mask is None:
+        _check_length(model, input_ids.shape[1], None, what)
         return input_ids, torch.ones_like(input_ids)
     if not isinstance(attention_mask, torch.Tensor):
         raise CircuitsError(f"{what} attention mask must be a [batch, seq] tensor, got {type(attention_mask).__name__}")
@@ -511,7 +513,59 @@ def check_batch(
     for i in (~right_padded.all(1) | (lengths == 0)).nonzero().flatten().tolist()[:1]:
         problem = "is empty" if lengths[i] == 0 else "is not right-padded (ones, then zeros)"
         raise CircuitsError(f"example {i}: the {what} attention mask {problem}: {attention_mask[i].tolist()}")
+    _check_length(model, input_ids.shape[1], lengths, what)
     return input_ids, attention_mask
+
+
+def _check_length(model: Model, width: int, lengths: torch.Tensor | None, what: str) -> None:
+    """The batch fits the model's positions: no prompt (``lengths``, all ``width`` if None) and no padding past them."""
+    limit = model.adapter.max_positions
+    if limit is None or width <= limit:
+        return
+    limit_text = f"the model takes at most {limit} ({model.adapter.position_limit})"
+    too_long = [0] if lengths is None else (lengths > limit).nonzero().flatten().tolist()
+    if not too_long:
+        raise CircuitsError(f"the {what} batch is padded to {width} positions; {limit_text}: trim the padding")
+    length = width if lengths is None else int(lengths[too_long[0]])
+    raise CircuitsError(f"example {too_long[0]}: the {what} prompt is {length} tokens long; {limit_text}")
+
+
+def check_task(model: Model, tokenized: TokenizedTask) -> None:
+    """A tokenized task against the model, before anything runs: every prompt fits the model's positions and
+    holds ids of its vocabulary, every answer, wrong answer and output id is one of its outputs. Errors name
+    the example by its index in the whole task (``tokenized.start`` onward)."""
+    adapter, start = model.adapter, tokenized.start
+    mask = tokenized.attention_mask.bool()
+    lengths = mask.sum(1)
+    limit = adapter.max_positions
+    if limit is not None:
+        for i in (lengths > limit).nonzero().flatten().tolist()[:1]:
+            raise CircuitsError(
+                f"example {start + i}: the prompts are {int(lengths[i])} tokens long; "
+                f"the model takes at most {limit} ({adapter.position_limit})"
+            )
+    vocab = adapter.embedding_rows()
+    for field in ("clean", "corrupted"):
+        ids = getattr(tokenized, f"{field}_ids")
+        for i, t in (((ids < 0) | (ids >= vocab)) & mask).nonzero().tolist()[:1]:
+            raise CircuitsError(
+                f"example {start + i}, position {t}: {field} token id {int(ids[i, t])} is outside the vocabulary "
+                f"(0..{vocab - 1})"
+            )
+    outputs = adapter.output_size()
+    checks = [
+        ("answer id", tokenized.answer_ids, tokenized.answer_mask),
+        ("wrong answer id", tokenized.wrong_ids, tokenized.wrong_mask),
+    ]
+    if tokenized.output_mask is not None and not tokenized.numeric:
+        checks.append(("output id", tokenized.targets, tokenized.output_mask))
+    for label, ids, present in checks:
+        for i, k in (((ids < 0) | (ids >= outputs)) & present.bool()).nonzero().tolist()[:1]:
+            where = f", position {k}" if label == "output id" else ""
+            raise CircuitsError(
+                f"example {start + i}{where}: {label} {int(ids[i, k])} is outside the model's output vocabulary "
+                f"(0..{outputs - 1})"
+            )
 
 
 def check_edge_mask(model: Model, edge_mask: torch.Tensor) -> torch.Tensor:

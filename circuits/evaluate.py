@@ -81,14 +81,55 @@ def _masked_logits(model: Model, batch, mask: torch.Tensor | None) -> torch.Tens
     ).logits
 
 
+EQUAL_TOLERANCE = 1e-5  # relative (at least absolute): float32 rounding of the patched forward is ~1e-7
+
+
+def metrics_equal(full: float, empty: float) -> bool:
+    """Whether the full model's and the empty circuit's task-mean metric are equal up to rounding
+    (``EQUAL_TOLERANCE`` relative to the larger, and at least absolute): faithfulness is then undefined."""
+    return abs(full - empty) <= EQUAL_TOLERANCE * max(1.0, abs(full), abs(empty))
+
+
 def faithfulness(circuit_value: float, full: float, empty: float) -> float:
-    return (circuit_value - empty) / (full - empty) if full != empty else float("nan")
+    """(m(C) - m(empty)) / (m(full) - m(empty)); NaN (undefined, 0/0) when ``metrics_equal(full, empty)``."""
+    return float("nan") if metrics_equal(full, empty) else (circuit_value - empty) / (full - empty)
+
+
+def check_task(model: Model, task: Task, ablation: Ablation = "patching", batch_size: int = 32) -> tuple[float, float]:
+    """The task-mean metric of the full model and of the empty circuit (every edge ablated), or a CircuitsError
+    when they are equal: the ablation does not change the metric, so no edge can be credited with anything and
+    every faithfulness is 0/0 (``evaluate`` and ``faithfulness_curve`` give NaN). Typical causes: corrupted
+    prompts equal to the clean ones, or answers equal to the wrong answers. ``discover`` runs this first.
+
+    With ``patching``, corrupted prompts identical to the clean ones are caught as such (in bfloat16 or float16
+    the two metrics can differ by rounding more than ``EQUAL_TOLERANCE``).
+    """
+    check_choice("ablation", ablation, ABLATIONS)
+    tokens = task.tokenize(model.tokenizer)
+    if ablation == "patching" and torch.equal(tokens.clean_ids, tokens.corrupted_ids):
+        raise CircuitsError(
+            f"task {task.name!r}: every corrupted prompt equals its clean prompt, so the corrupted prompts do not "
+            "change the metric and nothing can be attributed (faithfulness would be 0/0)"
+        )
+    frame, _, _ = masked_metrics(model, task, [], ablation, batch_size)
+    full, empty = float(frame["full"].mean()), float(frame["empty"].mean())
+    if metrics_equal(full, empty):
+        cause = "the corrupted prompts do" if ablation == "patching" else f"{ablation} ablation of every edge does"
+        raise CircuitsError(
+            f"task {task.name!r}: the full model and the empty circuit give the same metric ({full:.6g} and "
+            f"{empty:.6g}): {cause} not change the metric, so nothing can be attributed (faithfulness would be "
+            "0/0); are the answers the same as the wrong answers?"
+        )
+    return full, empty
 
 
 def evaluate(
     model: Model, task: Task, circuit: Circuit, ablation: Ablation = "patching", batch_size: int = 32
 ) -> Evaluation:
-    """Faithfulness of ``circuit`` on ``task``: its edges kept, every other edge ablated."""
+    """Faithfulness of ``circuit`` on ``task``: its edges kept, every other edge ablated.
+
+    Faithfulness is NaN when the full model's and the empty circuit's metric are equal (see ``check_task``).
+    """
     if circuit.graph.n_src != model.graph.n_src or circuit.graph.n_dst != model.graph.n_dst:
         raise CircuitsError(f"the circuit is for {circuit.graph!r}, but the model has {model.graph!r}")
     frame, values, right = masked_metrics(model, task, [circuit.mask], ablation, batch_size)
@@ -133,7 +174,11 @@ def faithfulness_curve(
     batch_size: int = 32,
     label: str | None = None,
 ) -> Curve:
-    """Faithfulness of the top-scoring circuits at each size (pruned), with CPR and CMD as MIB defines them."""
+    """Faithfulness of the top-scoring circuits at each size (pruned), with CPR and CMD as MIB defines them.
+
+    Every faithfulness, CPR and CMD is NaN when the full model's and the empty circuit's metric are equal
+    (see ``check_task``).
+    """
     import pandas as pd
 
     if scores.level != "edge":

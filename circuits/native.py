@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
@@ -275,6 +276,7 @@ class NativeTransformer(nn.Module):
         weights_path = directory / WEIGHTS_FILE
         if not weights_path.is_file():
             raise CircuitsError(f"{directory} has no {WEIGHTS_FILE}")
+        check_safetensors(weights_path)
         try:
             tensors = load_file(weights_path)
         except Exception as error:  # safetensors raises its own error types
@@ -294,6 +296,21 @@ class NativeTransformer(nn.Module):
                 )
         model.load_state_dict(tensors)
         return model.to(device=device, dtype=dtype).eval()
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """A CircuitsError naming ``path`` unless it is a complete safetensors file (its header read, its size
+    checked against the header: an empty, truncated or damaged file is found without loading any tensor)."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except Exception as error:  # safetensors raises its own error types
+        empty = path.is_file() and path.stat().st_size == 0
+        reason = "the file is empty" if empty else (str(error).splitlines() or [type(error).__name__])[0]
+        raise CircuitsError(
+            f"{path}: not a complete safetensors file ({reason}); it may be truncated: save or copy it again"
+        ) from None
 
 
 def read_config(directory: str | os.PathLike) -> NativeConfig:

@@ -3,13 +3,15 @@
 An output folder holds ``circuit.json`` (the circuit's own edges and nodes with their scores, plus
 ``meta``; every edge of the graph in the EAP-IG/MIB layout with ``full_json``), ``scores.csv`` (every
 edge's score), ``circuit.png`` and ``circuit.pdf``, ``faithfulness.png``, ``summary.json`` (settings,
-sizes, metric values, CPR/CMD, seconds per phase, versions) and ``summary.md``. Every file is written
-atomically.
+sizes, metric values, CPR/CMD, seconds per phase, versions; ``notes`` on values that are undefined and
+written as null) and ``summary.md``. The folder is written all at once (``circuits.io.atomic_folder``):
+a reader, or a run killed half-way, never leaves it half-updated. JSON files are strict (no NaN).
 """
 
 from __future__ import annotations
 
-import json
+import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -22,11 +24,13 @@ from . import export
 from .choices import SELECTIONS, Ablation, Method, MetricName, Selection, check_choice, check_positive
 from .circuit import Circuit, Scores, greedy_mask, select
 from .errors import CircuitsError
-from .evaluate import Curve, Evaluation, evaluate, faithfulness_curve
+from .evaluate import Curve, Evaluation, check_task, evaluate, faithfulness_curve, metrics_equal
 from .export import versions
-from .io import atomic_write_text
-from .methods import acdc, attribute
+from .io import atomic_folder, atomic_write_text, check_writable_folder, finite_json, recover_folder, write_json
+from .methods import acdc, attribute, check_gradient_metric
+from .methods.gradient import GRADIENT_METHODS
 from .model import Model
+from .resume import checkpoint_folder
 from .task import Task
 
 FILES = ("circuit.json", "scores.csv", "circuit.png", "circuit.pdf", "faithfulness.png", "summary.json", "summary.md")
@@ -76,6 +80,7 @@ def discover(
     progress: bool = True,
     log: Callable[[str], None] = print,
     full_json: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Find ``task``'s circuit in ``model`` and write the output folder ``out``; returns the summary.
 
@@ -84,18 +89,40 @@ def discover(
     by the same ``selection``. ``compare`` adds other attribution methods to the faithfulness figure and
     the summary's CPR/CMD. ``full_json`` writes every edge into circuit.json (the layout EAP-IG and
     MIB read) instead of the circuit's own.
+
+    ``checkpoint``: a folder for the resumable state of every long phase (``circuits.resume``), one file
+    each: ``attribution.ckpt`` (the main attribution), ``attribution-METHOD.ckpt`` (each ``compare``
+    method), ``acdc.ckpt``; ``run.ckpt`` holds the run's fingerprint (model, task, method, ablation, batch
+    size, ig_steps, the ACDC settings). Calling again with the same folder resumes each phase where it
+    stopped and writes identical outputs; a call whose fingerprint differs fails (CircuitsError naming
+    what differs) before any phase runs. Settings that change no phase's result (``top_n`` without
+    ACDC, ``compare``, ``full_json``, ``out``) may differ between calls.
+
+    ``out`` is written all at once at the end (``circuits.io.atomic_folder``): until then it keeps what
+    it held, and a run that fails or is killed leaves it as it was. It is replaced as a whole, so it may
+    be missing, an empty folder, or the folder of an earlier run (it has summary.json), whose files are
+    all gone afterwards, files you added to it included; a folder holding other files is refused
+    (CircuitsError) before the model runs, as is a task whose corrupted prompts do not change the
+    metric (``circuits.evaluate.check_task``): nothing could be attributed.
     """
     check_choice("selection", selection, SELECTIONS)
     check_positive("top_n", top_n)
     check_positive("candidates", candidates)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CircuitsError(f"output path {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)
+    for name in (method, *compare):  # before any work: a pair whose gradients are all zero is refused
+        check_gradient_metric(name, task.metric, ig_steps)
+    settings = dict(method=method, ablation=ablation, batch_size=batch_size, ig_steps=ig_steps)
+    settings.update(acdc_threshold=acdc_threshold, acdc_metric=acdc_metric, candidates=candidates, selection=selection)
+    if checkpoint is not None and out.resolve() in (Path(checkpoint).resolve(), *Path(checkpoint).resolve().parents):
+        raise CircuitsError(f"checkpoint folder {checkpoint} is inside the output folder {out}, which is replaced")
+    folder = checkpoint_folder(checkpoint, model, task, _run_settings(settings))
     phases = Phases(log)
+    with phases("task check", "checking that the corrupted prompts change the metric"):
+        check_task(model, task, ablation, batch_size)
     options = {"ablation": ablation, "batch_size": batch_size, "ig_steps": ig_steps, "progress": progress}
     with phases("attribution", f"scoring {len(model.graph):,} edges with {method} ({len(task)} examples)"):
-        scores = attribute(model, task, method, **options)
+        scores = attribute(model, task, method, **options, checkpoint=_phase(folder, "attribution"))
     with phases("selection", "selecting the circuit"):
         if acdc_threshold is None:
             circuit = select_circuit(scores, top_n, selection)
@@ -110,6 +137,7 @@ def discover(
                 candidates=pool,
                 progress=progress,
                 batch_size=batch_size,
+                checkpoint=_phase(folder, "acdc"),
             )
             circuit = Circuit(model.graph, found.mask, scores=scores.tensor, meta=found.meta)
             circuit.meta.update({"method": f"acdc on {method} candidates", "candidates": len(pool)})
@@ -121,27 +149,83 @@ def discover(
         other = scores if name == method else None
         if other is None:
             with phases(f"attribution ({name})", f"scoring with {name} for comparison"):
-                other = attribute(model, task, name, **options)
+                other = attribute(model, task, name, **options, checkpoint=_phase(folder, f"attribution-{name}"))
         with phases(f"curve ({name})", f"faithfulness curve of {name}"):
             curves.append(faithfulness_curve(model, task, other, ablation=ablation, batch_size=batch_size))
-    with phases("writing", f"writing {out}"):
-        title = f"{model.name} {task.name}: {circuit.meta['method']}"
-        circuit.save(out / "circuit.json", full=full_json)
-        atomic_write_text(out / "scores.csv", scores.to_frame().to_csv(index=False))
-        circuit.plot(out / "circuit.png", title=title)
-        circuit.plot(out / "circuit.pdf", title=title)
-        curves[0].plot(path=out / "faithfulness.png", others=curves[1:])
     how = {"selection": selection}
     if acdc_threshold is not None:
         how.update({"acdc_threshold": acdc_threshold, "acdc_metric": acdc_metric, "candidates": len(pool)})
-    summary = _summary(model, task, scores, circuit, evaluation, curves, phases.seconds, how)
-    write_summary(out, summary)
+    with atomic_folder(out) as staging:
+        with phases("writing", f"writing {out}"):
+            title = f"{model.name} {task.name}: {circuit.meta['method']}"
+            circuit.save(staging / "circuit.json", full=full_json)
+            atomic_write_text(staging / "scores.csv", scores.to_frame().to_csv(index=False))
+            circuit.plot(staging / "circuit.png", title=title)
+            circuit.plot(staging / "circuit.pdf", title=title)
+            curves[0].plot(path=staging / "faithfulness.png", others=curves[1:])
+        summary = _summary(model, task, scores, circuit, evaluation, curves, phases.seconds, how)
+        write_summary(staging, summary)
     return summary
 
 
+def _run_settings(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Those of ``discover``'s ``arguments`` that determine a checkpointed phase's result (for ``run.ckpt``)."""
+    settings = {key: arguments[key] for key in ("method", "ablation", "batch_size")}
+    method = GRADIENT_METHODS.get(arguments["method"])
+    if method is not None and method.uses_steps:
+        settings["ig_steps"] = arguments["ig_steps"]
+    settings["acdc_threshold"] = arguments["acdc_threshold"]
+    if arguments["acdc_threshold"] is not None:
+        settings.update({key: arguments[key] for key in ("acdc_metric", "candidates", "selection")})
+    return settings
+
+
+def _phase(folder: Path | None, name: str) -> Path | None:
+    """The checkpoint file of a phase in the checkpoint folder (None without one)."""
+    return None if folder is None else folder / f"{name}.ckpt"
+
+
+def check_output_folder(out: Path) -> None:
+    """CircuitsError unless ``discover`` may replace ``out`` as a whole: missing, an empty folder, or an earlier
+    run's folder (it has summary.json). Leftovers of a killed earlier run are cleared first (``recover_folder``)."""
+    if out.exists() and not out.is_dir():
+        raise CircuitsError(f"output path {out} exists and is not a folder")
+    check_writable_folder(out)
+    recover_folder(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
+        raise CircuitsError(
+            f"output folder {out} holds files but no summary.json, so it is not an earlier run's output; the run "
+            "would replace it as a whole: remove it or choose another folder"
+        )
+
+
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    """summary.json and summary.md into ``out``. summary.json is strict JSON: an undefined (NaN) value is written
+    as null and ``summary["notes"]`` gets a line saying so (``undefined_notes``); summary.md says "undefined"."""
+    summary["notes"] = list(dict.fromkeys([*summary.get("notes", []), *undefined_notes(summary)]))
+    write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", summary_markdown(summary))
+
+
+def undefined_notes(summary: dict[str, Any]) -> list[str]:
+    """A line for each value of ``summary`` that is undefined (NaN or infinite: null in summary.json), with the
+    reason when it is known; the undefined points of one curve make one line."""
+    _, undefined = finite_json(summary)
+    e = summary.get("evaluation", summary)  # discover's summary, or evaluate's flat evaluation.json
+    full, empty = e.get("metric_full"), e.get("metric_empty")
+    reason = ""
+    if isinstance(full, float) and isinstance(empty, float) and metrics_equal(full, empty):
+        reason = ": the full and empty metric are equal"
+    points: dict[str, int] = {}  # key -> undefined points of its list (0: the key's own value)
+    for key in undefined:
+        element = re.fullmatch(r"(.*)\[\d+\]", key)
+        base = element[1] if element else key
+        points[base] = points.get(base, 0) + (1 if element else 0)
+    notes = []
+    for key, n in points.items():
+        name = key.removeprefix("evaluation.")
+        notes.append(f"{name} is undefined (null){f' at {n} of its points' if n else ''}{reason}")
+    return notes
 
 
 def _summary(
@@ -196,7 +280,8 @@ def _top_edges(circuit: Circuit, n: int) -> list[dict[str, Any]]:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The summary as a short Markdown report (settings, circuit, faithfulness, CPR/CMD, timings)."""
+    """The summary as a short Markdown report (settings, circuit, faithfulness, CPR/CMD, timings, notes); a value
+    that is undefined (NaN, or null as summary.json has it) reads "undefined"."""
     e, c = summary["evaluation"], summary["circuit"]
     lines = [
         f"# {summary['task']} on {summary['model']}",
@@ -204,12 +289,14 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- method: {summary['method']}, ablation: {summary['ablation']}, metric: {summary['metric']}, "
         f"examples: {summary['n']}",
         f"- circuit: {c['edges']} edges, {c['nodes']} nodes (graph: {summary['graph']['edges']:,} edges)",
-        f"- faithfulness: {e['faithfulness']:.3f} (metric full {e['metric_full']:.3f}, circuit "
-        f"{e['metric_circuit']:.3f}, empty {e['metric_empty']:.3f}); circuit accuracy {e['accuracy_circuit']:.3f}",
+        f"- faithfulness: {number_text(e['faithfulness'])} (metric full {number_text(e['metric_full'])}, circuit "
+        f"{number_text(e['metric_circuit'])}, empty {number_text(e['metric_empty'])}); circuit accuracy "
+        f"{number_text(e['accuracy_circuit'])}",
+        *[f"- note: {note}" for note in summary.get("notes", [])],
         "",
         "| method | CPR (higher is better) | CMD (lower is better) |",
         "|---|---|---|",
-        *[f"| {label} | {v['cpr']:.3f} | {v['cmd']:.3f} |" for label, v in summary["curves"].items()],
+        *[f"| {label} | {number_text(v['cpr'])} | {number_text(v['cmd'])} |" for label, v in summary["curves"].items()],
         "",
         "| phase | seconds |",
         "|---|---|",
@@ -219,7 +306,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "",
         "| edge | score |",
         "|---|---|",
-        *[f"| `{row['edge']}` | {row['score']:.4f} |" for row in c["top_edges"]],
+        *[f"| `{row['edge']}` | {number_text(row['score'], '.4f')} |" for row in c["top_edges"]],
         "",
         "![circuit](circuit.png)",
         "",
@@ -227,6 +314,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def number_text(value: float | None, spec: str = ".3f") -> str:
+    """``value`` formatted by ``spec``, or "undefined" for None (null in JSON), NaN and infinities."""
+    return format(value, spec) if value is not None and math.isfinite(value) else "undefined"
 
 
 def scores_for(circuit: Circuit, scores_csv: Path | None) -> Scores | None:

@@ -101,8 +101,10 @@ def plot_circuit(
     # Edges, weakest first so that the strongest end up on top.
     largest = max((abs(s) for s in scores), default=0.0) if scores is not None else 0.0
     order = sorted(range(len(pairs)), key=lambda e: abs(scores[e]) if scores is not None else 0.0)
-    ends: set[str] = set()
-    groups: set[tuple[int, int]] = set()
+    # Nodes and key/value group markers to draw, as dicts (insertion-ordered, unlike a set of strings, whose
+    # order follows PYTHONHASHSEED) and drawn sorted, so that the same circuit gives the same file bytes.
+    ends: dict[str, None] = {}
+    groups: dict[tuple[int, int], None] = {}
     for rank, e in enumerate(order):
         i, j = pairs[e]
         source, destination = graph.sources[i], graph.destinations[j]
@@ -110,10 +112,10 @@ def plot_circuit(
         end, node = _destination_point(graph, destination, positions)
         if node is None:
             facts = graph.node(destination)
-            groups.add((facts.layer, facts.head))
+            groups[facts.layer, facts.head] = None
         else:
-            ends.add(node)
-        ends.add(source)
+            ends[node] = None
+        ends[source] = None
         width, dashed = 1.0, False
         if scores is not None:
             width = 0.35 + (max_width_edges - 0.35) * (abs(scores[e]) / largest if largest > 0 else 1.0)
@@ -138,7 +140,8 @@ def plot_circuit(
         y = layer - _GROUP_DROP
         ax.plot([left, left, right, right], [y + 0.1, y, y, y + 0.1], color="#333333", lw=0.7, zorder=2.5)
         ax.plot([(left + right) / 2], [y], marker="o", ms=2.2, color="#333333", zorder=2.6)
-    for name in ends:
+    rank_of = {name: k for k, name in enumerate(positions)}  # graph order: input, heads and MLPs, logits
+    for name in sorted(ends, key=rank_of.__getitem__):
         _draw_node(ax, graph.node(name).kind, name, positions[name])
 
     _decorate(ax, graph, positions)

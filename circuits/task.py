@@ -13,8 +13,9 @@ known outputs (a compiled program's, say); its metric is averaged over them.
 from __future__ import annotations
 
 import json
-import math
 import random
+import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ Metric = str | Callable[[torch.Tensor, "TokenizedTask"], torch.Tensor]
 TEXT_KEYS = ("clean", "corrupted", "answers", "wrong_answers")
 ID_KEYS = ("clean_ids", "corrupted_ids", "answer_ids", "wrong_answer_ids")
 OUTPUT_KEYS = ("clean_ids", "corrupted_ids", "outputs", "positions")
+MAX_ID = 2**63 - 1  # ids become int64 tensors
 
 
 @dataclass
@@ -162,6 +164,12 @@ def _custom_metric(metric: Callable, logits: torch.Tensor, batch: TokenizedTask)
     bad = (~torch.isfinite(values)).nonzero().flatten()
     if len(bad):
         raise CircuitsError(f"metric {name!r} returned {values[bad[0]].item()} for example {batch.start + int(bad[0])}")
+    if torch.is_grad_enabled() and logits.requires_grad and not values.requires_grad:
+        raise CircuitsError(
+            f"metric {name!r} returned a tensor detached from the logits (no grad_fn), so gradient methods cannot "
+            "differentiate it: compute it from the logits with torch operations, without .detach(), .item(), "
+            ".tolist(), .numpy() or torch.tensor(...)"
+        )
     return values
 
 
@@ -188,6 +196,8 @@ class Task:
     numeric = False  # tasks from from_outputs: are the outputs values rather than output ids?
     tolerance = 0.0
     _declared_higher_is_better: bool | None = None
+    # A task read from a file: (the file, each example's line number), so that errors name the line.
+    _origin: tuple[Path, list[int]] | None = None
 
     @property
     def higher_is_better(self) -> bool | None:
@@ -382,9 +392,31 @@ class Task:
                 ids = self.token_ids
                 tokenized = _pack(ids["clean_ids"], ids["corrupted_ids"], ids["answer_ids"], ids["wrong_answer_ids"])
             else:
-                tokenized = self._tokenize_text(tokenizer)
+                try:
+                    tokenized = self._tokenize_text(tokenizer)
+                except CircuitsError as error:
+                    raise self._located(error) from None
             self._tokenized[key] = (tokenizer, tokenized)  # the tokenizer is kept so its id stays unique
         return self._tokenized[key][1]
+
+    def check(self, model: Model) -> TokenizedTask:
+        """The task tokenized for ``model`` and checked against it before anything runs: every prompt fits the
+        model's positions, every prompt, answer and output id is in its vocabulary (``engine.check_task``).
+        Errors name the example (for a task read from a file: its file and line)."""
+        from .engine import check_task
+
+        tokenized = self.tokenize(model.tokenizer)
+        try:
+            check_task(model, tokenized)
+        except CircuitsError as error:
+            raise self._located(error) from None
+        return tokenized
+
+    def _located(self, error: CircuitsError) -> CircuitsError:
+        """``error`` with its leading ``example i`` replaced by the example's file and line, for a file's task."""
+        if self._origin is None:
+            return error
+        return CircuitsError(_at_line(str(error), *self._origin))
 
     def _tokenize_text(self, tokenizer) -> TokenizedTask:
         if tokenizer is None:
@@ -396,9 +428,9 @@ class Task:
             if len(clean) != len(corrupted):
                 raise CircuitsError(
                     f"example {i}: the clean and corrupted prompts tokenize to different lengths "
-                    f"({len(clean)} vs {len(corrupted)} tokens):\n"
-                    f"  clean:     {self.clean[i]!r} -> {tokenizer.convert_ids_to_tokens(clean)}\n"
-                    f"  corrupted: {self.corrupted[i]!r} -> {tokenizer.convert_ids_to_tokens(corrupted)}"
+                    f"({len(clean)} vs {len(corrupted)} tokens): "
+                    f"clean {self.clean[i]!r} -> {tokenizer.convert_ids_to_tokens(clean)}, "
+                    f"corrupted {self.corrupted[i]!r} -> {tokenizer.convert_ids_to_tokens(corrupted)}"
                 )
             clean_ids.append(clean)
             corrupted_ids.append(corrupted)
@@ -408,7 +440,13 @@ class Task:
 
     # --- subsets and files ------------------------------------------------------------
     def _select(self, indices: Sequence[int], name: str | None = None) -> Task:
-        name = name or self.name
+        task = self._select_examples(indices, name or self.name)
+        if self._origin is not None:
+            path, lines = self._origin
+            task._origin = (path, [lines[i] for i in indices])
+        return task
+
+    def _select_examples(self, indices: Sequence[int], name: str) -> Task:
         if self.per_position:
             columns = [[self.token_ids[key][i] for i in indices] for key in OUTPUT_KEYS]
             return Task.from_outputs(
@@ -452,20 +490,30 @@ class Task:
 
     @classmethod
     def from_jsonl(cls, path: str | Path, name: str | None = None, metric: Metric = "logit_diff") -> Task:
-        """Read a JSONL task (AutoCircuit's ``"corrupt"`` key is accepted for ``"corrupted"``)."""
+        """Read a JSONL task (AutoCircuit's ``"corrupt"`` key is accepted for ``"corrupted"``).
+
+        Errors about an example name its file and line (blank lines count), then and later (``tokenize``,
+        ``check``)."""
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise CircuitsError(f"cannot read task file {path}: {error}") from None
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+            data = path.read_bytes()
+        except OSError as error:
+            raise CircuitsError(f"cannot read task file {path}: {error.strerror or error}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise CircuitsError(f"{path}, line {line}: not UTF-8 text ({error.reason})") from None
+        rows, numbers = [], []
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise CircuitsError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise CircuitsError(f"{path}, line {number}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise CircuitsError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
             if "corrupt" in row and "corrupted" not in row:
@@ -477,16 +525,24 @@ class Task:
             if rows and rows[0][0] is not keys:
                 raise CircuitsError(f"{path}, line {number}: mixes kinds of examples (text, token ids, outputs)")
             rows.append((keys, [row[key] for key in keys]))
+            numbers.append(number)
         if not rows:
             raise CircuitsError(f"task file {path} holds no examples")
         columns = [list(column) for column in zip(*(values for _, values in rows), strict=True)]
         name = name or path.stem
-        if rows[0][0] is OUTPUT_KEYS:  # values written as floats are numeric outputs
-            numeric = any(isinstance(value, float) for row in columns[2] if isinstance(row, list) for value in row)
-            return cls.from_outputs(name, *columns, metric="l2" if metric == "logit_diff" else metric, numeric=numeric)
-        if rows[0][0] is ID_KEYS:
-            return cls.from_token_ids(name, *columns, metric=metric)
-        return cls(name, *columns, metric=metric)
+        try:
+            if rows[0][0] is OUTPUT_KEYS:  # values written as floats are numeric outputs
+                numeric = any(isinstance(value, float) for row in columns[2] if isinstance(row, list) for value in row)
+                metric = "l2" if metric == "logit_diff" else metric
+                task = cls.from_outputs(name, *columns, metric=metric, numeric=numeric)
+            elif rows[0][0] is ID_KEYS:
+                task = cls.from_token_ids(name, *columns, metric=metric)
+            else:
+                task = cls(name, *columns, metric=metric)
+        except CircuitsError as error:
+            raise CircuitsError(_at_line(str(error), path, numbers)) from None
+        task._origin = (path, numbers)
+        return task
 
     # --- the model on the task -----------------------------------------------------------
     def baseline(self, model: Model, batch_size: int = 32) -> Baseline:
@@ -495,7 +551,7 @@ class Task:
 
         from .engine import patched_forward
 
-        tokenized = self.tokenize(model.tokenizer).to(model.device)
+        tokenized = self.check(model).to(model.device)
         frames = []
         with torch.no_grad():
             for batch in tokenized.batches(batch_size):
@@ -520,6 +576,14 @@ class Task:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _at_line(message: str, path: Path, lines: list[int]) -> str:
+    """A message about ``example i`` of a file's task as one about the file line that holds it."""
+    match = re.match(r"example (\d+)\b", message)
+    if match is None or int(match[1]) >= len(lines):
+        return f"{path}: {message}"
+    return f"{path}, line {lines[int(match[1])]}{message[match.end() :]}"
 
 
 def _check_name(name: str) -> str:
@@ -565,7 +629,7 @@ def _is_id_list(ids: Any) -> bool:
         isinstance(ids, Sequence)
         and not isinstance(ids, (str, bytes))
         and len(ids) > 0
-        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_ID for t in ids)
     )
 
 
@@ -623,7 +687,7 @@ def _answer_set(answer: Any, kind: type, what: str) -> list:
 
     def valid(item: Any) -> bool:
         if kind is int:
-            return isinstance(item, int) and not isinstance(item, bool) and item >= 0
+            return isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= MAX_ID
         return isinstance(item, str) and item != ""
 
     items = answer if isinstance(answer, (list, tuple)) else [answer]
@@ -653,11 +717,11 @@ def _check_outputs(outputs: Any, count: int, numeric: bool, what: str) -> None:
         )
     for value in outputs:
         if numeric:
-            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
         else:
-            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            valid = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
         if not valid:
-            expected = "a finite number" if numeric else "an output id (an integer >= 0)"
+            expected = "a finite number" if numeric else "an output id (an integer in 0..2**63-1)"
             raise CircuitsError(f"{what}: output {value!r} is not {expected}")
 
 

@@ -220,14 +220,14 @@ def test_malformed_task_file_exits_2_naming_the_line(model_dir, tmp_path, capsys
     assert "line 2" in line and "bad.jsonl" in line
 
 
-def test_task_file_example_that_cannot_be_patched_exits_2_naming_the_example(model_dir, tmp_path, capsys):
+def test_task_file_example_that_cannot_be_patched_exits_2_naming_its_line(model_dir, tmp_path, capsys):
     bad = tmp_path / "lengths.jsonl"
     bad.write_text('{"clean_ids": [1, 2, 3], "corrupted_ids": [1, 3], "answer_ids": 4, "wrong_answer_ids": 5}\n')
     status = main(["discover", "--model", str(model_dir), "--task-file", str(bad), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert status == 2
     (line,) = error_lines(err)
-    assert "example 0" in line
+    assert "lengths.jsonl, line 1:" in line
 
 
 def test_missing_task_file_exits_2(model_dir, tmp_path, capsys):

@@ -274,7 +274,7 @@ def test_acdc_threshold_zero_keeps_every_edge_with_an_effect_and_a_huge_one_keep
 def test_acdc_checkpoint_resumes_to_the_same_circuit_after_an_interruption(task, tmp_path, monkeypatch):
     model = circuits.Model.from_hf(tiny_hf("gpt2"))
     uninterrupted = circuits.acdc(model, task, threshold=0.02, progress=False)
-    path = tmp_path / "acdc.json"
+    path = tmp_path / "acdc.ckpt"
     original = acdc_module._Scorer.evaluate
     calls = {"n": 0}
 
@@ -296,9 +296,9 @@ def test_acdc_checkpoint_resumes_to_the_same_circuit_after_an_interruption(task,
 
 def test_acdc_checkpoint_of_another_run_is_refused(task, tmp_path):
     model = circuits.Model.from_hf(tiny_hf("gpt2"))
-    path = tmp_path / "acdc.json"
+    path = tmp_path / "acdc.ckpt"
     circuits.acdc(model, task, threshold=0.5, checkpoint=path, progress=False)
-    with pytest.raises(ValueError, match="belongs to another run .*threshold"):
+    with pytest.raises(ValueError, match="belongs to another run: threshold"):
         circuits.acdc(model, task, threshold=0.1, checkpoint=path, progress=False)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):

@@ -289,7 +289,7 @@ def test_unembedding_has_d_vocab_out_logits():
 def test_sequence_longer_than_positions_is_rejected():
     model = circuits.Model.from_hf(tiny_native("native-attn-only"))
     ids = torch.ones(1, 17, dtype=torch.long)
-    with pytest.raises(ValueError, match="sequence length 17 exceeds the model's n_positions"):
+    with pytest.raises(ValueError, match=r"example 0: the input prompt is 17 tokens long; the model takes at most 16"):
         engine_logits(model, ids, None)
 
 

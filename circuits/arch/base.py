@@ -45,6 +45,9 @@ class Adapter(ABC):
     """Base class: subclasses set the structural fields and the module accessors."""
 
     model_types: tuple[str, ...] = ()
+    # The config field that bounds the sequence length (learned positions, or the rotary models' declared
+    # maximum); None, a missing field or 0 means no limit.
+    position_limit: str | None = None
 
     def __init__(self, hf: nn.Module):
         self.hf = hf
@@ -99,9 +102,20 @@ class Adapter(ABC):
         return None
 
     # --- shared math -------------------------------------------------------------------
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes (its config's ``position_limit``), None when unbounded."""
+        value = getattr(self.config, self.position_limit, None) if self.position_limit else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
     def embedding_rows(self) -> int:
         """How many token ids the embedding accepts."""
         return self.hf.get_input_embeddings().num_embeddings
+
+    def output_size(self) -> int:
+        """How many logits the model outputs (the ids an answer may have)."""
+        head = self.hf.get_output_embeddings()
+        return getattr(head, "out_features", None) or self.config.vocab_size
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return self.hf.get_output_embeddings()(self.final_norm()(x))

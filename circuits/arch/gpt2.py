@@ -10,6 +10,7 @@ from .base import Adapter, Context, per_head_linear, split_heads
 
 class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
+    position_limit = "n_positions"
 
     def __init__(self, hf: nn.Module):
         super().__init__(hf)

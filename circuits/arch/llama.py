@@ -14,6 +14,7 @@ from .base import Adapter, Context, per_head_linear, rotary_function, split_head
 
 class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
+    position_limit = "max_position_embeddings"
 
     def __init__(self, hf: nn.Module):
         super().__init__(hf)

@@ -18,6 +18,7 @@ from .base import Adapter, Context, per_head_linear
 
 class NativeAdapter(Adapter):
     model_types = ("circuits-native",)
+    position_limit = "n_positions"
 
     def __init__(self, hf: nn.Module):
         super().__init__(hf)
@@ -77,3 +78,6 @@ class NativeAdapter(Adapter):
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return self.hf.unembed(self.hf.ln_final(x))
+
+    def output_size(self) -> int:
+        return self.config.vocab_out

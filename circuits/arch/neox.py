@@ -14,6 +14,7 @@ from .base import Adapter, Context, per_head_linear, rotary_function
 
 class NeoXAdapter(Adapter):
     model_types = ("gpt_neox",)
+    position_limit = "max_position_embeddings"
 
     def __init__(self, hf: nn.Module):
         super().__init__(hf)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from ..choices import ABLATIONS, LEVELS, METHODS, Ablation, Level, Method, check_choice, check_positive
 from ..circuit import Scores
 from ..errors import CircuitsError
 from ..model import Model
+from ..resume import open_checkpoint
 from ..task import Task
 from .acdc import acdc
-from .exact import exact_scores
-from .gradient import GRADIENT_METHODS, gradient_scores
+from .exact import MAX_TOKENS, exact_scores
+from .gradient import GRADIENT_METHODS, check_gradient_metric, gradient_scores
 
 if set(METHODS) != {*GRADIENT_METHODS, "exact"}:
     raise CircuitsError(f"circuits.choices.METHODS {METHODS} and the registered methods disagree")
@@ -26,6 +28,7 @@ def attribute(
     ig_steps: int = 5,
     level: Level = "edge",
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> Scores:
     """Score every edge (or, with ``level="node"``, every source node) of the model's graph on a task.
 
@@ -34,17 +37,33 @@ def attribute(
     the others are the gradient estimates of ``circuits.methods.gradient``. ``ablation`` is one of
     ``ABLATIONS``: ``patching`` (the corrupted prompts' activations), ``mean`` (over the task's clean
     prompts) or ``zero``. Memory is bounded by ``batch_size``; scores are returned on the CPU.
+
+    ``eap`` takes its gradients at the clean run only, where the ``kl`` and ``l2`` metrics are at their
+    minimum (every gradient is zero): that pair is refused; use an EAP-IG method or an answer metric.
+
+    ``checkpoint``: a file (see ``circuits.resume``) where the running score sum and the next batch are
+    saved after every batch; calling again with the same path resumes at that batch and returns the
+    identical tensor (the same sums in the same order). It belongs to this model (config and weights),
+    task (content and metric), method and parameters: another call with the same path raises
+    ``CircuitsError`` naming what differs. A finished checkpoint returns its scores at once.
     """
     check_choice("method", method, METHODS)
     check_choice("ablation", ablation, ABLATIONS)
     check_choice("level", level, LEVELS)
     check_positive("batch_size", batch_size)
     check_positive("ig_steps", ig_steps)
+    check_gradient_metric(method, task.metric, ig_steps)
+    parameters = {"method": method, "ablation": ablation, "batch_size": batch_size, "level": level}
+    if method in GRADIENT_METHODS and GRADIENT_METHODS[method].uses_steps:
+        parameters["ig_steps"] = ig_steps
+    if method == "exact":
+        parameters["max_tokens"] = MAX_TOKENS
+    resumable = open_checkpoint(checkpoint, model, task, parameters)
     start = time.perf_counter()
     if method == "exact":
-        tensor = exact_scores(model, task, ablation, batch_size, level, progress)
+        tensor = exact_scores(model, task, ablation, batch_size, level, progress, checkpoint=resumable)
     else:
-        tensor = gradient_scores(model, task, method, ablation, batch_size, ig_steps, progress)
+        tensor = gradient_scores(model, task, method, ablation, batch_size, ig_steps, progress, resumable)
         if level == "node":
             tensor = tensor.masked_fill(~model.graph.real, 0).sum(1)
     meta = {
@@ -63,4 +82,4 @@ def attribute(
     return Scores(model.graph, tensor, level, meta)
 
 
-__all__ = ["ABLATIONS", "LEVELS", "METHODS", "acdc", "attribute"]
+__all__ = ["ABLATIONS", "LEVELS", "METHODS", "acdc", "attribute", "check_gradient_metric"]

@@ -21,7 +21,6 @@ step resumes from a cached prefix (``PrefixCache``) and computes only the rest o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,10 @@ from ..circuit import Circuit, edge_mask_from
 from ..engine import PrefixCache, patched_forward
 from ..errors import CircuitsError
 from ..graph import Graph
-from ..io import atomic_write_text
 from ..model import Model
+from ..resume import open_checkpoint
 from ..task import Task, metric_values
 from .common import batches
-
-CHECKPOINT_VERSION = 1
 
 
 def destination_order(graph: Graph) -> list[int]:
@@ -65,8 +62,12 @@ def acdc(
     """Run ACDC; returns the circuit with ``meta`` (forward-pass equivalents, steps, metric).
 
     ``candidates``: edge names, a Circuit or a boolean mask restricting the search; every other
-    edge counts as removed. ``checkpoint``: a JSON file written atomically after every destination;
-    calling again with the same path resumes where it stopped and gives the identical circuit.
+    edge counts as removed. ``checkpoint``: a file (see ``circuits.resume``) saved atomically after
+    every destination; calling again with the same path resumes where it stopped and gives the
+    identical circuit. It belongs to this model (config and weights), task (content and metric),
+    threshold, metric, ablation, batch size and candidate edge set: another call with the same path
+    raises ``CircuitsError`` naming what differs. ``meta["forward_equivalents"]`` is the true cost of
+    the whole search, the runs before an interruption included (their counters are saved with it).
     ``reuse_prefix=False`` runs every step as a whole forward (for benchmarks; same circuit).
     """
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0:
@@ -76,26 +77,31 @@ def acdc(
     check_positive("batch_size", batch_size)
     graph = model.graph
     kept = graph.real.clone() if candidates is None else edge_mask_from(graph, candidates)
-    config = {
-        "model": model.name,
-        "task": task.name,
-        "n": len(task),
-        "threshold": float(threshold),
-        "metric": metric,
-        "ablation": ablation,
-        "candidates": int(kept.sum()),
+    n_candidates = int(kept.sum())
+    config = {"threshold": float(threshold), "metric": metric, "ablation": ablation}
+    parameters = {
+        "method": "acdc",
+        **config,
+        "batch_size": batch_size,
+        "candidates": kept,
+        "reuse_prefix": reuse_prefix,
     }
+    resumable = open_checkpoint(checkpoint, model, task, parameters)
     order = destination_order(graph)
-    state = _load_checkpoint(checkpoint, config, graph) if checkpoint else None
+    saved = None if resumable is None else resumable.load()
     base_mask = kept.to(model.dtype).to(model.device)
-    # the prefix before each layer is computed with the candidate mask, which ACDC has not touched there
-    scorer = _Scorer(model, task, metric, ablation, batch_size, base_mask, reuse_prefix)
-    if state is None:
-        state = {"next": 0, "current": scorer.evaluate(base_mask, graph.n_layers), "steps": 0}
+    scorer = None
+    if saved is None:
+        state = {"next": 0, "steps": 0, "cost": dict.fromkeys(COST_KEYS, 0.0)}
     else:
-        kept = state.pop("kept")
+        state, kept = _resumed(saved, resumable, graph, len(order))
     bar = tqdm(total=len(order), initial=state["next"], desc="ACDC destinations", disable=not progress)
     for position in range(state["next"], len(order)):
+        if scorer is None:
+            # the prefix before each layer is computed with the candidate mask, which ACDC has not touched there
+            scorer = _Scorer(model, task, metric, ablation, batch_size, base_mask, reuse_prefix)
+            if position == 0:
+                state["current"] = scorer.evaluate(base_mask, graph.n_layers)
         destination = order[position]
         layer = graph.destination_layer(destination)
         nodes = graph.fed_nodes(destination)
@@ -113,13 +119,51 @@ def acdc(
                 kept[source, destination] = True
             bar.set_postfix(edges_visited=state["steps"], edges_kept=int(kept.sum()))
         state["next"] = position + 1
-        if checkpoint:
-            _save_checkpoint(checkpoint, config, state, kept, graph)
+        if resumable is not None:
+            resumable.save({**state, "cost": _total_cost(state["cost"], scorer)}, {"kept": kept})
         bar.update(1)
     bar.close()
-    equivalents = scorer.forward_equivalents()
-    meta = {**config, "method": "acdc", "steps": state["steps"], "metric_value": state["current"], **equivalents}
+    cost = _total_cost(state["cost"], scorer)
+    meta = {
+        "model": model.name,
+        "task": task.name,
+        "n": len(task),
+        **config,
+        "candidates": n_candidates,
+        "method": "acdc",
+        "steps": state["steps"],
+        "metric_value": state["current"],
+        **cost,
+    }
     return Circuit(graph, kept, meta=meta)
+
+
+COST_KEYS = ("forward_equivalents", "forward_equivalents_without_prefix_reuse")
+
+
+def _total_cost(before: dict[str, float], scorer: _Scorer | None) -> dict[str, float]:
+    """The work of the runs before this one (from the checkpoint) plus this run's."""
+    now = dict.fromkeys(COST_KEYS, 0.0) if scorer is None else scorer.forward_equivalents()
+    return {key: before[key] + now[key] for key in COST_KEYS}
+
+
+def _resumed(saved, resumable, graph: Graph, n_destinations: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """The loop state and the kept mask of a checkpoint, checked."""
+    try:
+        state = {
+            "next": int(saved.state["next"]),
+            "steps": int(saved.state["steps"]),
+            "current": float(saved.state["current"]),
+            "cost": {key: float(saved.state["cost"][key]) for key in COST_KEYS},
+        }
+        kept = saved.tensors["kept"]
+        if kept.dtype != torch.bool or tuple(kept.shape) != (graph.n_src, graph.n_dst):
+            raise ValueError(f"a kept mask of {kept.dtype} {tuple(kept.shape)}")
+        if not 0 < state["next"] <= n_destinations:
+            raise ValueError(f"destination {state['next']} of {n_destinations}")
+    except (KeyError, TypeError, ValueError) as error:
+        raise CircuitsError(f"checkpoint {resumable.path} is unreadable ({error}); delete it to start over") from None
+    return state, kept & graph.real
 
 
 class _Scorer:
@@ -173,36 +217,3 @@ class _Scorer:
         layers = sum(cache.layers_run for _, _, cache in self.batches)
         used = layers / n_layers / n_batches + 2  # + the clean runs and the prefix runs
         return {"forward_equivalents": used, "forward_equivalents_without_prefix_reuse": naive}
-
-
-def _checkpoint_mask(kept: torch.Tensor, graph: Graph) -> list[list[int]]:
-    rows, cols = kept.nonzero(as_tuple=True)
-    return [[i, j] for i, j in zip(rows.tolist(), cols.tolist(), strict=True)]
-
-
-def _save_checkpoint(path, config: dict, state: dict, kept: torch.Tensor, graph: Graph) -> None:
-    payload = {"version": CHECKPOINT_VERSION, "config": config, **state, "kept": _checkpoint_mask(kept, graph)}
-    atomic_write_text(path, json.dumps(payload))
-
-
-def _load_checkpoint(path, config: dict, graph: Graph) -> dict | None:
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        payload = json.loads(path.read_text())
-        if payload.get("version") != CHECKPOINT_VERSION:
-            raise CircuitsError(f"version {payload.get('version')!r}")
-        kept = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
-        for i, j in payload["kept"]:
-            kept[i, j] = True
-        state = {"next": int(payload["next"]), "current": float(payload["current"]), "steps": int(payload["steps"])}
-    except (ValueError, KeyError, TypeError, IndexError) as error:
-        raise CircuitsError(f"ACDC checkpoint {path} is unreadable ({error}); delete it to start over") from None
-    if payload["config"] != config:
-        differences = [k for k in config if payload["config"].get(k) != config[k]]
-        raise CircuitsError(
-            f"ACDC checkpoint {path} belongs to another run (differs in {', '.join(differences)}); "
-            "use another path or delete it"
-        )
-    return {**state, "kept": kept & graph.real}

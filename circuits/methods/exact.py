@@ -13,14 +13,25 @@ from tqdm.auto import tqdm
 
 from ..engine import PrefixCache
 from ..model import Model
+from ..resume import Checkpoint
 from ..task import Task
-from .common import batches, metric_sum
+from .common import Batch, batches, metric_sum, resumed_sum, save_sum
+
+MAX_TOKENS = 8192  # tokens per patched forward (copies of a batch, one ablation each)
 
 
 def exact_scores(
-    model: Model, task: Task, ablation: str, batch_size: int, level: str, progress: bool, max_tokens: int = 8192
+    model: Model,
+    task: Task,
+    ablation: str,
+    batch_size: int,
+    level: str,
+    progress: bool,
+    max_tokens: int = MAX_TOKENS,
+    checkpoint: Checkpoint | None = None,
 ) -> torch.Tensor:
-    """Exact scores; up to ``max_tokens`` tokens (copies of a batch, one ablation each) per forward."""
+    """Exact scores; up to ``max_tokens`` tokens (copies of a batch, one ablation each) per forward. With
+    ``checkpoint``, the running sum and the next batch are saved after each batch and resumed from."""
     graph = model.graph
     if level == "edge":
         rows, cols = graph.real.nonzero(as_tuple=True)
@@ -31,20 +42,37 @@ def exact_scores(
     by_layer: dict[int, list[tuple[int, int | None]]] = {}
     for layer, unit in units:
         by_layer.setdefault(layer, []).append(unit)
-    scores = torch.zeros(graph.n_src, graph.n_dst) if level == "edge" else torch.zeros(graph.n_src)
-    for batch in batches(model, task, ablation, batch_size, progress):
-        tokens = batch.tokens
-        cache = PrefixCache(model, tokens.clean_ids, tokens.attention_mask, batch.patch, tokens.positions)
-        clean = cache.base_logits
-        baseline = metric_sum(task, clean, batch, clean)
-        copies = max(1, max_tokens // tokens.clean_ids.numel())
-        with tqdm(total=len(units), desc="exact", disable=not progress, leave=False) as bar:
-            for layer in sorted(by_layer, reverse=True):
-                group = by_layer[layer]
-                for start in range(0, len(group), copies):
-                    chunk = group[start : start + copies]
-                    for (u, v), logits in zip(chunk, cache.run_ablations(chunk, layer), strict=True):
-                        effect = (metric_sum(task, logits, batch, clean) - baseline).cpu()
-                        scores[(u, v) if level == "edge" else u] += effect
-                    bar.update(len(chunk))
+    zeros = torch.zeros(graph.n_src, graph.n_dst) if level == "edge" else torch.zeros(graph.n_src)
+    scores, start = resumed_sum(checkpoint, zeros)
+    for index, batch in enumerate(batches(model, task, ablation, batch_size, progress, start), start):
+        _add_batch_scores(scores, model, task, batch, by_layer, level, max_tokens, progress)
+        save_sum(checkpoint, scores, index + 1)
     return scores
+
+
+def _add_batch_scores(
+    scores: torch.Tensor,
+    model: Model,
+    task: Task,
+    batch: Batch,
+    by_layer: dict[int, list[tuple[int, int | None]]],
+    level: str,
+    max_tokens: int,
+    progress: bool,
+) -> None:
+    """Add one batch's effect of every ablation unit (grouped by the layer it enters) to ``scores``."""
+    tokens = batch.tokens
+    cache = PrefixCache(model, tokens.clean_ids, tokens.attention_mask, batch.patch, tokens.positions)
+    clean = cache.base_logits
+    baseline = metric_sum(task, clean, batch, clean)
+    copies = max(1, max_tokens // tokens.clean_ids.numel())
+    total = sum(map(len, by_layer.values()))
+    with tqdm(total=total, desc="exact", disable=not progress, leave=False) as bar:
+        for layer in sorted(by_layer, reverse=True):
+            group = by_layer[layer]
+            for start in range(0, len(group), copies):
+                chunk = group[start : start + copies]
+                for (u, v), logits in zip(chunk, cache.run_ablations(chunk, layer), strict=True):
+                    effect = (metric_sum(task, logits, batch, clean) - baseline).cpu()
+                    scores[(u, v) if level == "edge" else u] += effect
+                bar.update(len(chunk))

@@ -23,13 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..choices import METRICS
 from ..engine import PatchedOutput, patched_forward
+from ..errors import CircuitsError
 from ..model import Model
-from ..task import Task
-from .common import Batch, batches, metric_sum
+from ..resume import Checkpoint
+from ..task import REFERENCE_METRICS, Task
+from .common import Batch, batches, metric_sum, resumed_sum, save_sum
 
 Point = tuple[float, float | None]  # (input interpolation a, every edge's mask value; None: the plain mask of ones)
 
@@ -57,13 +61,43 @@ GRADIENT_METHODS: dict[str, GradientMethod] = {
 }
 
 
+def clean_point_only(method: str, steps: int) -> bool:
+    """Does ``method`` take its gradients at the clean run only (as ``eap`` does)?"""
+    return method in GRADIENT_METHODS and GRADIENT_METHODS[method].points(steps) == [(1.0, None)]
+
+
+def check_gradient_metric(method: str, metric: Any, steps: int) -> None:
+    """A CircuitsError when ``method`` takes its gradients at the clean run only and ``metric`` compares with
+    the clean run (``kl``, ``l2``): such a metric is at its minimum there, every gradient is zero, and the
+    scores would be noise."""
+    if not isinstance(metric, str) or metric not in REFERENCE_METRICS or not clean_point_only(method, steps):
+        return
+    others = [name for name in (*GRADIENT_METHODS, "exact") if not clean_point_only(name, steps)]
+    answers = [name for name in METRICS if name not in REFERENCE_METRICS]
+    raise CircuitsError(
+        f"method {method!r} takes its gradients at the clean run only, where the {metric} metric is at its minimum "
+        f"and every gradient is zero, so its scores would be noise; use {', '.join(others)} (an EAP-IG method "
+        f"takes gradients away from the clean run), or a {' or '.join(answers)} metric"
+    )
+
+
 def gradient_scores(
-    model: Model, task: Task, method: str, ablation: str, batch_size: int, ig_steps: int, progress: bool
+    model: Model,
+    task: Task,
+    method: str,
+    ablation: str,
+    batch_size: int,
+    ig_steps: int,
+    progress: bool,
+    checkpoint: Checkpoint | None = None,
 ) -> torch.Tensor:
+    """The scores summed over the task's batches in order; with ``checkpoint``, the running sum and the next
+    batch are saved after each batch and a saved sum is resumed from (the same sums in the same order)."""
     graph = model.graph
-    scores = torch.zeros(graph.n_src, graph.n_dst)
-    for batch in batches(model, task, ablation, batch_size, progress):
+    scores, start = resumed_sum(checkpoint, torch.zeros(graph.n_src, graph.n_dst))
+    for index, batch in enumerate(batches(model, task, ablation, batch_size, progress, start), start):
         scores += _batch_scores(model, task, batch, method, ig_steps)
+        save_sum(checkpoint, scores, index + 1)
     return scores
 
 
