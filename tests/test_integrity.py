@@ -493,3 +493,15 @@ def test_dequantizing_the_bundled_model_replaces_an_incomplete_cache_as_a_whole(
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files_of(target))
     assert json.loads((target / "config.json").read_text())["model_type"] == "llama"
     assert leftovers(target) == []
+
+
+def test_attribution_that_yields_a_non_finite_score_names_the_first_edge_instead_of_returning_it(model):
+    def overflowing(logits, batch):  # finite values whose gradient is infinite: sqrt at 0
+        return (logits[:, 0] - logits[:, 0].detach()).abs().sqrt()
+
+    task = make_task()
+    ids = task.token_ids
+    task = circuits.Task.from_token_ids("overflow", ids["clean_ids"], ids["corrupted_ids"], ids["answer_ids"],
+                                        ids["wrong_answer_ids"], metric=overflowing, higher_is_better=True)  # fmt: skip
+    with pytest.raises(circuits.CircuitsError, match=r"score\(s\) are not finite .* the first for \S+->\S+"):
+        circuits.attribute(model, task, "eap", progress=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from ..choices import ABLATIONS, LEVELS, METHODS, Ablation, Level, Method, check_choice, check_positive
 from ..circuit import Scores
 from ..errors import CircuitsError
@@ -66,6 +68,7 @@ def attribute(
         tensor = gradient_scores(model, task, method, ablation, batch_size, ig_steps, progress, resumable)
         if level == "node":
             tensor = tensor.masked_fill(~model.graph.real, 0).sum(1)
+    _check_finite(model, tensor, level)
     meta = {
         "method": method,
         "ablation": ablation,
@@ -83,3 +86,17 @@ def attribute(
 
 
 __all__ = ["ABLATIONS", "LEVELS", "METHODS", "acdc", "attribute", "check_gradient_metric"]
+
+
+def _check_finite(model: Model, scores: torch.Tensor, level: str) -> None:
+    """A NaN or infinite score is never returned: it names the first such edge (or node) instead."""
+    bad = ~torch.isfinite(scores)
+    if level == "edge":
+        bad &= model.graph.real
+    if bad.any():
+        first = bad.nonzero()[0].tolist()
+        name = model.graph.edge_name(*first) if level == "edge" else model.graph.sources[first[0]]
+        raise CircuitsError(
+            f"{int(bad.sum())} score(s) are not finite (NaN or infinite), the first for {name}: the model's "
+            f"outputs or the metric overflowed in {model.dtype}; run in float32 or check the metric"
+        )
