@@ -12,6 +12,10 @@ import time
 
 import torch
 
+# glibc maps every allocation of 64 KiB or more on its own and unmaps it when freed, so that the resident set
+# follows live memory: the environment of a process whose CPU peaks are measured
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
 
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as status:
@@ -59,7 +63,7 @@ def child_memory(script: str, device_name: str | None) -> dict[str, int]:
     There glibc maps every large tensor on its own and unmaps it when freed, so the resident
     set follows live memory. (Timings are taken in the parent, under the default settings.)
     """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, **MEMORY_ENV}
     command = [sys.executable, script, "--memory-only"] + (["--device", device_name] if device_name else [])
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
