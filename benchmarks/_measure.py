@@ -43,18 +43,20 @@ def peak_memory(fn, device: torch.device) -> int:
     return (_rss_kib("VmHWM:") - start) * 1024
 
 
+def timed_call(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn``, waiting for the device's queued work on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, device: torch.device, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_call(fn, device) for _ in range(repeats))
 
 
 def child_memory(script: str, device_name: str | None) -> dict[str, int]:

@@ -44,7 +44,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _measure import MEMORY_ENV, peak_memory
+from _measure import MEMORY_ENV, peak_memory, timed_call
 
 import circuits
 from circuits.io import atomic_write_text
@@ -209,13 +209,7 @@ def measure(fn, device: torch.device) -> tuple[float, int]:
     seconds: list[float] = []
 
     def timed() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
+        seconds.append(timed_call(fn, device))
 
     peak = peak_memory(timed, device)
     while sum(seconds) < MIN_SECONDS and len(seconds) < REPEATS:
