@@ -3,11 +3,11 @@
 Random-weight models with the shapes of SmolLM2-135M, Qwen2.5-0.5B, Llama-3.2-1B and -3B (float32) and
 Llama-3.1-8B (bfloat16), built from transformers configs without a download and without the default
 initialisation (uniform random weights, norm weights 1). For each shape x method (eap, eap-ig-inputs) x
-prompt length T, on one batch of B random prompts (the corrupted prompt changes the last 3 tokens, random
-answers): the seconds and the peak memory of ``circuits.attribute``, and of the plain HF model's floor on
-the same batch in the same process (as benchmarks/attribution.py: 2 no-grad forwards + 1 forward/backward
-for EAP, ig_steps for EAP-IG, gradients to the input embeddings only; here with the prediction position's
-logits only, as the engine computes them), their ratios, and the edge count.
+prompt length T, on one batch of B random prompts (the corrupted prompt changes the last 3 tokens, or
+--changed; random answers): the seconds and the peak memory of ``circuits.attribute``, and of the plain HF
+model's floor on the same batch in the same process (as benchmarks/attribution.py: 2 no-grad forwards +
+1 forward/backward for EAP, ig_steps for EAP-IG, gradients to the input embeddings only; here with the
+prediction position's logits only, as the engine computes them), their ratios, and the edge count.
 
 Each shape runs in a child process of its own (the model is built once there and freed with it), under
 the allocator settings of _measure.child_memory, so that the resident set follows live memory; a call's
@@ -54,17 +54,17 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "scale"
 METHODS = ("eap", "eap-ig-inputs")
 LENGTHS = (16, 64, 256)
-CHANGED = 3  # the corrupted prompt differs from the clean one in its last CHANGED tokens
+CHANGED = 3  # by default the corrupted prompt differs from the clean one in its last CHANGED tokens
 BOUND = 0.02 * 3**0.5  # uniform weights with standard deviation 0.02
 MIN_SECONDS = 2.0  # a case shorter than this is repeated (up to REPEATS calls) and the median taken
 REPEATS = 5
 WARM_UP_LENGTH = 4  # every case is called once on prompts this long before the first row: one-time costs
 COLUMNS = [
-    "shape", "params", "edges", "n_src", "n_dst", "method", "ig_steps", "B", "T", "dtype", "device",
+    "shape", "params", "edges", "n_src", "n_dst", "method", "ig_steps", "B", "T", "changed", "dtype", "device",
     "seconds", "floor_seconds", "time_ratio", "peak_bytes", "floor_peak_bytes", "memory_ratio",
     "weight_bytes", "threads", "status", "load", "date",
 ]  # fmt: skip
-KEY = ("shape", "method", "ig_steps", "B", "T", "device")
+KEY = ("shape", "method", "ig_steps", "B", "T", "changed", "device")
 
 
 @dataclass(frozen=True)
@@ -166,13 +166,13 @@ def allocate(hf, device: torch.device):
     return hf.to(device).eval()
 
 
-def random_task(model: circuits.Model, batch: int, length: int, seed: int) -> circuits.Task:
-    """B random prompts of ``length`` tokens; the corrupted prompt changes the last CHANGED tokens."""
+def random_task(model: circuits.Model, batch: int, length: int, changed: int, seed: int = 0) -> circuits.Task:
+    """B random prompts of ``length`` tokens; the corrupted prompt changes the last ``changed`` tokens."""
     vocab = model.hf.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
     clean = torch.randint(vocab, (batch, length), generator=generator)
     corrupted = clean.clone()
-    changed = min(CHANGED, length)
+    changed = min(changed, length)
     shift = torch.randint(1, vocab, (batch, changed), generator=generator)
     corrupted[:, -changed:] = (clean[:, -changed:] + shift) % vocab  # every changed token differs
     answers = torch.randint(vocab, (batch,), generator=generator)
@@ -194,9 +194,9 @@ def plain_floor(model: circuits.Model, batch, backward_passes: int) -> None:
         torch.autograd.grad(metric_values("logit_diff", logits, batch).sum(), embeddings)
 
 
-def cases(model: circuits.Model, method: str, batch: int, length: int, ig_steps: int, seed: int = 0) -> dict:
+def cases(model: circuits.Model, method: str, batch: int, length: int, changed: int, ig_steps: int) -> dict:
     """The two calls of a row: ours and the floor, on the same batch."""
-    task = random_task(model, batch, length, seed)
+    task = random_task(model, batch, length, changed)
     tokenized = task.check(model).to(model.device)
     passes = ig_steps if method.startswith("eap-ig") else 1
     ours = partial(circuits.attribute, model, task, method, batch_size=batch, ig_steps=ig_steps, progress=False)
@@ -271,6 +271,7 @@ def worker(args: argparse.Namespace) -> None:
         "device": device.type,
         "weight_bytes": sum(t.numel() * t.element_size() for t in (*hf.parameters(), *hf.buffers())),
         "B": args.batch_size,
+        "changed": args.changed,
         "threads": torch.get_num_threads(),
     }
     try:
@@ -291,7 +292,7 @@ def worker(args: argparse.Namespace) -> None:
     refuse_halving()
     rows = [(method, int(length)) for method, length in (item.split("@") for item in args.cases)]
     for method in dict.fromkeys(method for method, _ in rows):
-        for fn in cases(model, method, args.batch_size, WARM_UP_LENGTH, args.ig_steps).values():
+        for fn in cases(model, method, args.batch_size, WARM_UP_LENGTH, args.changed, args.ig_steps).values():
             fn()  # one-time costs (first calls of kernels, lazily built graph facts) belong to no row
     for method, length in rows:
         row = {**facts, "method": method, "T": length, "ig_steps": args.ig_steps if method != "eap" else ""}
@@ -299,7 +300,7 @@ def worker(args: argparse.Namespace) -> None:
         try:
             measured = {
                 name: measure(fn, device)
-                for name, fn in cases(model, method, args.batch_size, length, args.ig_steps).items()
+                for name, fn in cases(model, method, args.batch_size, length, args.changed, args.ig_steps).items()
             }
         except (MemoryError, RuntimeError) as error:
             if not out_of_memory(error):
@@ -334,7 +335,8 @@ def read_rows(path: Path) -> dict[tuple, dict]:
     if not path.exists():
         return {}
     with path.open(newline="") as stream:
-        return {key(row): row for row in csv.DictReader(stream)}
+        rows = [{"changed": str(CHANGED), **row} for row in csv.DictReader(stream)]  # rows from before the column
+    return {key(row): row for row in rows}
 
 
 def write_rows(path: Path, rows: dict[tuple, dict]) -> None:
@@ -353,7 +355,7 @@ def write_rows(path: Path, rows: dict[tuple, dict]) -> None:
 def run_shape(shape: Shape, pending: list[tuple[str, int]], args: argparse.Namespace, rows: dict) -> None:
     """Measure ``pending`` rows of one shape in a child process, recording each row as it arrives."""
     command = [sys.executable, __file__, "--worker", shape.name, "--batch-size", str(args.batch_size)]
-    command += ["--ig-steps", str(args.ig_steps), "--device", args.device]
+    command += ["--ig-steps", str(args.ig_steps), "--changed", str(args.changed), "--device", args.device]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.memory_limit is not None:
@@ -389,6 +391,7 @@ def plain_row(shape: Shape, method: str, length: int, args: argparse.Namespace) 
         "ig_steps": args.ig_steps if method != "eap" else "",
         "B": args.batch_size,
         "T": length,
+        "changed": args.changed,
         "device": torch.device(args.device).type,
         "dtype": str(shape.dtype).removeprefix("torch."),
     }
@@ -429,6 +432,8 @@ def plot(rows: list[dict], path: Path) -> None:
     from circuits.plot import save_figure
 
     done = [r for r in rows if r.get("status") == "ok"]
+    changed = statistics.mode([r["changed"] for r in done]) if done else str(CHANGED)
+    done = [r for r in done if r["changed"] == changed]  # one corruption: the rows compare
     colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
     shape_colors = {name: f"C{i + 2}" for i, name in enumerate(SHAPES)}
     styles = {method: style for method, style in zip(METHODS, ("-", "--"), strict=True)}
@@ -482,7 +487,10 @@ def plot(rows: list[dict], path: Path) -> None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, frameon=False)
     batches = sorted({r["B"] for r in done})
-    fig.suptitle(f"circuits.attribute against the plain HF floor (B = {', '.join(batches)}; ratio 1 = the floor)")
+    fig.suptitle(
+        f"circuits.attribute against the plain HF floor (B = {', '.join(batches)}, the last {changed} tokens "
+        "corrupted; ratio 1 = the floor)"
+    )
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -524,7 +532,12 @@ def commit() -> str:
 def options(rows: list[dict]) -> str:
     """The command-line options that reproduce ``rows`` (those all rows share)."""
     found = []
-    for option, column in (("--batch-size", "B"), ("--ig-steps", "ig_steps"), ("--threads", "threads")):
+    for option, column in (
+        ("--batch-size", "B"),
+        ("--ig-steps", "ig_steps"),
+        ("--changed", "changed"),
+        ("--threads", "threads"),
+    ):
         values = sorted({str(r.get(column) or "") for r in rows} - {""})
         if len(values) == 1:
             found.append(f"{option} {values[0]}")
@@ -536,9 +549,12 @@ def readme(rows: list[dict]) -> str:
         "# Attribution at scale",
         "",
         "Written by `benchmarks/scale.py` (do not edit by hand). Random-weight models with the shapes of published",
-        "models, one batch of B random prompts of T tokens (the corrupted prompt changes the last 3 tokens),",
-        "`logit_diff` on random answers, patching ablation; EAP-IG is `eap-ig-inputs` with the `ig_steps` shown.",
+        "models, one batch of B random prompts of T tokens, `logit_diff` on random answers, patching ablation;",
+        "EAP-IG is `eap-ig-inputs` with the `ig_steps` shown.",
         "",
+        "- **changed**: the corrupted prompt differs from the clean one in its last `changed` tokens. In a causal",
+        "  model no source output differs before the first changed position, and the engine can leave those",
+        "  positions out of its deltas and gradients: few changed tokens is its best case, `changed` = T the worst.",
         "- **seconds**: `circuits.attribute` on the batch (with its corrupted run); **floor**: the plain HF model on",
         "  the same batch in the same process: 2 no-grad forwards + 1 forward/backward (EAP) or ig_steps of them",
         "  (EAP-IG), gradients to the input embeddings only, the prediction position's logits only. The ratio",
@@ -563,15 +579,15 @@ def readme(rows: list[dict]) -> str:
         "",
         "![memory and time ratios](scale.png)",
         "",
-        "| shape | params | dtype | edges | method | B | T | seconds | floor s | time ratio | peak MiB "
+        "| shape | params | dtype | edges | method | B | T | changed | seconds | floor s | time ratio | peak MiB "
         "| floor peak MiB | memory ratio | weights MiB | threads | load |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         method = r["method"] + (f" ({r['ig_steps']} steps)" if r.get("ig_steps") else "")
         head = f"| {r['shape']} | {size(r['params']) if r.get('params') else '-'} | {r['dtype']} | "
         head += f"{int(r['edges']):,} | " if r.get("edges") else "- | "
-        head += f"{method} | {r['B']} | {r['T']} | "
+        head += f"{method} | {r['B']} | {r['T']} | {r.get('changed') or CHANGED} | "
         weights = mib(r["weight_bytes"]) if r.get("weight_bytes") else "-"
         load = f"{float(r['load']):.1f}" if r.get("load") else "-"
         tail = f"{weights} | {r.get('threads') or '-'} | {load} |"
@@ -612,6 +628,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: each shape's own (llama-3.1-8b: eap)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--ig-steps", type=int, default=2)
+    parser.add_argument(
+        "--changed",
+        type=int,
+        default=CHANGED,
+        help="tokens at the end of each prompt that the corruption changes (the engine leaves out the positions "
+        "before the first change; T: every position differs, the worst case)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--threads",

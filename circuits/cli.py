@@ -134,8 +134,33 @@ def _model_options(parser: argparse.ArgumentParser, required: bool = True) -> No
         "--model", required=required, default=None, help="bundled name (smollm2-135m), HF id or local directory"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help="instead of --device, for a model larger than one device: auto (GPUs, then CPU, then disk), balanced, "
+        'sequential, or a JSON object of module name -> GPU index, "cpu" or "disk"',
+    )
+    parser.add_argument(
+        "--max-memory", default=None, metavar="DEV=SIZE,...", help="with --device-map: e.g. 0=20GiB,1=20GiB,cpu=64GiB"
+    )
+    parser.add_argument("--offload-folder", type=Path, default=None, help="with --device-map: for weights on disk")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--batch-size", type=_positive, default=32)
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default="auto",
+        metavar="N|auto",
+        help="examples per batch; auto (the default): as many as fit --batch-memory, measured on a first small "
+        "batch. A batch that runs out of memory is retried with half as many examples",
+    )
+    parser.add_argument(
+        "--batch-memory",
+        type=_memory,
+        default=None,
+        metavar="SIZE",
+        help="memory the batches of --batch-size auto may use, e.g. 8GiB or 500MB (default: what the device has free)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or phase messages")
 
 
@@ -158,6 +183,24 @@ def _positive(text: str) -> int:
     return value
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
+
+
+def _memory(text: str) -> int:
+    from .batching import parse_memory
+
+    try:
+        return parse_memory(text, "the size")
+    except CircuitsError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -178,7 +221,8 @@ def _load_model(args: argparse.Namespace, name: str, named_by: Path | None = Non
     finds it from any folder. ``named_by``: the circuit file that named the model (its errors say: pass --model)."""
     from .model import SMOLLM2, load_model, resolve_device
 
-    device = resolve_device(args.device)
+    placement = _placement_arguments(args)
+    device = None if placement else resolve_device(args.device)
     if name != SMOLLM2 and Path(name).exists():
         name = str(Path(name).resolve())
     if args.quiet:
@@ -187,12 +231,42 @@ def _load_model(args: argparse.Namespace, name: str, named_by: Path | None = Non
         transformers_logging.disable_progress_bar()
     _log(args)(f"loading model {name}")
     try:
-        return load_model(name, device=device, dtype=DTYPES[args.dtype])
+        return load_model(name, device=device, dtype=DTYPES[args.dtype], **placement)
     except CircuitsError as error:
         if named_by is None:
             raise
         reason = (str(error).splitlines() or [""])[0]
         raise UsageError(f"{named_by} names model {name!r}, which cannot be loaded; pass --model ({reason})") from None
+
+
+def _placement_arguments(args: argparse.Namespace) -> dict:
+    """``load_model``'s device_map, max_memory and offload_folder from the command line ({} without --device-map;
+    load_model judges what they name)."""
+    import json
+
+    device_map, max_memory_text = getattr(args, "device_map", None), getattr(args, "max_memory", None)
+    offload_folder = getattr(args, "offload_folder", None)
+    if device_map is None:
+        for flag, value in (("--max-memory", max_memory_text), ("--offload-folder", offload_folder)):
+            if value is not None:
+                raise UsageError(f"{flag} goes with --device-map")
+        return {}
+    if args.device is not None:
+        raise UsageError("pass --device or --device-map, not both")
+    if device_map.lstrip().startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--device-map is not a JSON object: {error}") from None
+    max_memory = None
+    if max_memory_text is not None:
+        max_memory = {}
+        for entry in max_memory_text.split(","):
+            device, _, size = entry.strip().partition("=")
+            if not device or not size:
+                raise UsageError(f"--max-memory entry {entry!r} is not DEVICE=SIZE (e.g. 0=20GiB or cpu=64GiB)")
+            max_memory[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
 
 
 def _read_task(args: argparse.Namespace):
@@ -265,6 +339,7 @@ def run_discover(args: argparse.Namespace) -> int:
         acdc_metric=args.acdc_metric,
         compare=args.compare,
         batch_size=args.batch_size,
+        max_memory=args.batch_memory,
         ig_steps=args.ig_steps,
         progress=not args.quiet,
         log=_log(args),
@@ -281,6 +356,7 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from .batching import BatchPlan
     from .circuit import Circuit
     from .evaluate import evaluate, faithfulness_curve
     from .io import check_writable_folder, write_json
@@ -299,7 +375,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     ablation = args.ablation or circuit.meta.get("ablation", "patching")
     log = _log(args)
     log(f"evaluating {len(circuit)} edges on {task.name} ({len(task)} examples, {ablation} ablation)")
-    evaluation = evaluate(model, task, circuit, ablation, args.batch_size)
+    plan = BatchPlan(args.batch_size, model.device, args.batch_memory)  # the evaluation and the curve: one layout
+    evaluation = evaluate(model, task, circuit, ablation, plan)
     result = {
         "circuit": str(args.circuit),
         "model": model.name,
@@ -326,7 +403,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"no curve: neither the circuit file nor {scores_csv} has a score for every edge")
     else:
         log("faithfulness curve on the MIB grid")
-        curve = faithfulness_curve(model, task, scores, ablation=ablation, batch_size=args.batch_size)
+        curve = faithfulness_curve(model, task, scores, ablation=ablation, batch_size=plan)
         result.update(cpr=curve.cpr, cmd=curve.cmd, curve=curve.frame.to_dict(orient="list"))
         print(f"CPR {number_text(curve.cpr)}, CMD {number_text(curve.cmd)}")
     result["notes"] = undefined_notes(result)  # evaluation.json is strict JSON: an undefined value is null

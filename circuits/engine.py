@@ -14,6 +14,7 @@ runs the plain model's computation (no per-destination copies).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Iterable
@@ -23,15 +24,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .arch import Context
+from .arch import Adapter, Context
 from .errors import CircuitsError
 from .graph import LayerSlots
+from .placement import move_context
 
 if TYPE_CHECKING:
     from .model import Model
     from .task import TokenizedTask
 
 GradHook = Callable[[slice, torch.Tensor], None]
+SourceHook = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
@@ -53,6 +56,7 @@ def patched_forward(
     logit_positions: torch.Tensor | None = None,
     grad_hook: GradHook | None = None,
     input_embeddings: torch.Tensor | None = None,
+    source_hook: SourceHook | None = None,
 ) -> PatchedOutput:
     """Run the model with every edge ``u->v`` weighted by ``edge_mask[u, v]``.
 
@@ -69,11 +73,20 @@ def patched_forward(
             (``destinations`` is a slice of the graph's destination indices).
         input_embeddings: ``[B, T, D]`` to use as the ``input`` source's output instead of
             embedding ``input_ids`` (integrated gradients interpolate it).
+        source_hook: called as ``source_hook(first, outputs)`` with each group of sources' outputs
+            ``[n, B, T, D]`` (detached; ``first`` is the index of the first) as soon as they are computed,
+            in forward order: a caller can keep what it needs of them instead of all of them.
+
+    With a grad hook and a mask of ones (or any constant mask) every destination of a layer reads the
+    same stream: it is not copied per destination in the forward; the backward recomputes one layer's
+    q/k/v from per-destination views of its stream to give each destination its own gradient.
     """
     removal = None if edge_mask is None else check_edge_mask(model, edge_mask)
     if removal is not None and not removal.requires_grad and not removal.any():
         removal = None  # a constant mask of ones: the plain computation
-    run = _Run.start(model, input_ids, attention_mask, removal, patch, keep_outputs, grad_hook, input_embeddings)
+    run = _Run.start(
+        model, input_ids, attention_mask, removal, patch, keep_outputs, grad_hook, input_embeddings, source_hook
+    )
     for slots in model.graph.layers:
         run.layer(slots)
     return PatchedOutput(run.logits(logit_positions), torch.cat(run.outputs) if keep_outputs else None)
@@ -90,11 +103,13 @@ class _Run:
         deltas: _Deltas | None,
         keep_outputs: bool = False,
         grad_hook: GradHook | None = None,
+        source_hook: SourceHook | None = None,
     ):
         self.model, self.adapter, self.graph = model, model.adapter, model.graph
         self.ctx, self.resid, self.deltas = ctx, resid, deltas
-        self.keep_outputs, self.grad_hook = keep_outputs, grad_hook
+        self.keep_outputs, self.grad_hook, self.source_hook = keep_outputs, grad_hook, source_hook
         self.outputs: list[torch.Tensor] = []
+        self.contexts: dict[torch.device, Context] = {}  # ``ctx`` on the devices of layers placed elsewhere
 
     @classmethod
     def start(
@@ -107,6 +122,7 @@ class _Run:
         keep_outputs: bool = False,
         grad_hook: GradHook | None = None,
         input_embeddings: torch.Tensor | None = None,
+        source_hook: SourceHook | None = None,
     ) -> _Run:
         """Validate the batch, embed it, and record the ``input`` source."""
         input_ids, attention_mask = check_batch(model, input_ids, attention_mask)
@@ -121,7 +137,9 @@ class _Run:
             check_embeddings(model, input_embeddings, batch, seq)
             resid = input_embeddings
         ctx = model.adapter.context(attention_mask, resid, position_ids)
-        run = cls(model, ctx, resid, deltas, keep_outputs, grad_hook)
+        if model.placement is not None:  # the rotary tables come from the rotary module's device
+            ctx = move_context(ctx, model.placement.home)
+        run = cls(model, ctx, resid, deltas, keep_outputs, grad_hook, source_hook)
         run.add_sources(0, resid.unsqueeze(0))
         return run
 
@@ -130,40 +148,68 @@ class _Run:
             self.outputs.append(out)
         if self.deltas is not None:
             self.deltas.add(start, out)
+        if self.source_hook is not None:
+            self.source_hook(start, out.detach())
 
     def read(self, destinations: slice, n_reads: int) -> torch.Tensor:
-        """Inputs of ``destinations``: ``[n, B, T, D]``, or ``[1, B, T, D]`` when all read the stream."""
+        """Inputs of ``destinations``: ``[n, B, T, D]``, or ``[1, B, T, D]`` when all read the stream.
+
+        With a grad hook, inputs with one row per destination pass their gradient to it; a stream shared by
+        several destinations is hooked by the reader that splits its gradient (``qkv``).
+        """
         resid = self.resid
         inputs = resid.unsqueeze(0) if self.deltas is None else self.deltas.read(resid, destinations, n_reads)
-        if self.grad_hook is None:
-            return inputs
-        inputs = inputs.expand(destinations.stop - destinations.start, *resid.shape)
-        if inputs.requires_grad:
+        n = destinations.stop - destinations.start
+        if self.grad_hook is not None and inputs.requires_grad and len(inputs) == n:
             inputs.register_hook(partial(self.grad_hook, destinations))
         return inputs
 
+    def qkv(self, slots: LayerSlots, ctx: Context, there: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's queries, keys and values from its attention destinations' reads (moved by ``there``)."""
+        destinations = slots.attention_destinations
+        inputs = there(self.read(destinations, slots.attention_reads))
+        shared = len(inputs) == 1 and destinations.stop - destinations.start > 1
+        if self.grad_hook is None or not inputs.requires_grad or not shared:
+            return self.adapter.qkv(slots.layer, inputs, ctx)
+        placement = self.model.placement
+        stage = None if placement is None else placement.layers[slots.layer]
+        split = _SplitGradient(self.adapter, slots.layer, ctx, destinations, self.grad_hook, self.resid.device, stage)
+        return _SharedQKV.apply(inputs, split)
+
     def layer(self, slots: LayerSlots) -> None:
+        placement = self.model.placement
+        stage = None if placement is None else placement.layers[slots.layer]
+        if stage is None:  # on the input device with its weights in place: the plain computation, no copies
+            self._layer(slots, self.ctx, _same, _same)
+            return
+        if stage.device not in self.contexts:
+            self.contexts[stage.device] = move_context(self.ctx, stage.device)
+        with stage:  # offloaded weights loaded onto the layer's device, and freed after it
+            self._layer(slots, self.contexts[stage.device], stage.move, placement.home_tensor)
+
+    def _layer(self, slots: LayerSlots, ctx: Context, there: Callable, back: Callable) -> None:
+        """One layer; ``there`` moves its inputs to its device, ``back`` its outputs to the input device."""
         adapter, layer = self.adapter, slots.layer
-        q, k, v = adapter.qkv(layer, self.read(slots.attention_destinations, slots.attention_reads), self.ctx)
+        q, k, v = self.qkv(slots, ctx, there)
         mlp_slot = slice(slots.mlp_destination, slots.mlp_destination + 1)
         if adapter.parallel:  # the MLP reads the stream the heads read: before they are added
-            mlp_in = self.read(mlp_slot, slots.mlp_reads)
-        z = adapter.attend(layer, q, k, v, self.ctx)
-        if self.keep_outputs or (self.deltas is not None and self.deltas.needs_sources):
-            heads = adapter.head_outputs(layer, z)
+            mlp_in = there(self.read(mlp_slot, slots.mlp_reads))
+        z = adapter.attend(layer, q, k, v, ctx)
+        if self.keep_outputs or self.source_hook is not None or (self.deltas is not None and self.deltas.needs_sources):
+            heads = back(adapter.head_outputs(layer, z))
             self.add_sources(slots.heads.start, heads)
             attention_out = heads.sum(0)
             bias = adapter.out_bias(layer)
             if bias is not None:
-                attention_out = attention_out + bias
+                attention_out = attention_out + back(bias)
         else:
-            attention_out = adapter.attention_output(layer, z)
+            attention_out = back(adapter.attention_output(layer, z))
         if adapter.parallel:
-            mlp_out = adapter.mlp(layer, mlp_in)[0]
+            mlp_out = back(adapter.mlp(layer, mlp_in)[0])
             self.resid = mlp_out + attention_out + self.resid
         else:
             self.resid = attention_out + self.resid
-            mlp_out = adapter.mlp(layer, self.read(mlp_slot, slots.mlp_reads))[0]
+            mlp_out = back(adapter.mlp(layer, there(self.read(mlp_slot, slots.mlp_reads)))[0])
             self.resid = self.resid + mlp_out
         self.add_sources(slots.mlp_source, mlp_out.unsqueeze(0))
 
@@ -172,7 +218,54 @@ class _Run:
         final = self.read(slice(n_dst - 1, n_dst), self.graph.n_src)[0]
         if positions is not None:
             final = final[torch.arange(len(final), device=final.device), positions]
+        if self.model.placement is not None:  # the final norm and the head may sit elsewhere: logits come back
+            return self.model.placement.unembed(self.adapter, final)
         return self.adapter.unembed(final)
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass
+class _SplitGradient:
+    """What the backward of one layer's shared q/k/v needs to give each destination its own gradient."""
+
+    adapter: Adapter
+    layer: int
+    ctx: Context
+    destinations: slice
+    hook: GradHook
+    home: torch.device  # where the hook gets its gradients (the input device)
+    stage: object | None  # the layer's placement stage (loads offloaded weights), None when in place
+
+
+class _SharedQKV(torch.autograd.Function):
+    """q, k, v of one layer from the stream ``[1, B, T, D]`` all its attention destinations read.
+
+    The forward is the plain computation (no per-destination copies are made or saved). The backward
+    recomputes q, k, v from n per-destination views of the stream, so that autograd gives each destination
+    its own input gradient ``[n, B, T, D]`` (held for this layer only); it passes those to the grad hook
+    and returns their sum, the stream's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, split: _SplitGradient):
+        ctx.save_for_backward(inputs)
+        ctx.split = split
+        return split.adapter.qkv(split.layer, inputs, split.ctx)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        (inputs,) = ctx.saved_tensors
+        split = ctx.split
+        n = split.destinations.stop - split.destinations.start
+        with torch.enable_grad(), split.stage if split.stage is not None else contextlib.nullcontext():
+            copies = inputs.detach().expand(n, *inputs.shape[1:]).requires_grad_(True)
+            outputs = split.adapter.qkv(split.layer, copies, split.ctx)
+            (grad,) = torch.autograd.grad(outputs, copies, grads)
+        split.hook(split.destinations, grad.to(split.home))
+        return grad.sum(0, keepdim=True), None
 
 
 class PrefixCache:
@@ -331,7 +424,8 @@ class _Deltas:
     def add(self, start: int, out: torch.Tensor) -> None:
         delta = out if self.patch is None else out - self.patch[start : start + len(out)]
         if self.differentiable:
-            self.chunks.append(delta)
+            if self.uniform is None:  # a constant mask reads the sum only
+                self.chunks.append(delta)
             self.total = self.total + delta.sum(0)
         else:
             self.buffer[start : start + len(delta)] = delta.flatten(1)
@@ -371,6 +465,24 @@ class _Deltas:
         if 4 * len(rows) > len(weights):
             return weights.T @ self.buffer[: len(weights)]
         return weights[rows].T @ self.buffer.index_select(0, rows)
+
+
+def unchanged_prefix(
+    model: Model, clean_ids: torch.Tensor, corrupted_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> int:
+    """How many leading positions every pair of the batch shares (at most ``seq - 1``).
+
+    In a causal model no source's output differs between the clean and the corrupted prompts there, so every
+    patching delta is zero and those positions add nothing to any score. A bidirectional model has none (0).
+    """
+    seq = clean_ids.shape[1]
+    if not model.adapter.causal or clean_ids.shape != corrupted_ids.shape:
+        return 0
+    differs = clean_ids != corrupted_ids
+    if attention_mask is not None:
+        differs &= attention_mask.bool()
+    first = torch.where(differs.any(1), differs.int().argmax(1), seq)
+    return min(int(first.min()), seq - 1)
 
 
 def source_outputs(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -426,10 +538,10 @@ def mean_values(
     for input_ids, mask in batches:
         input_ids, mask = check_batch(model, input_ids, mask)
         outputs = source_outputs(model, input_ids, mask)
-        summed = (outputs * mask.to(outputs.dtype)[None, :, :, None]).sum((1, 2))
+        summed = (outputs * mask.to(outputs.dtype)[None, :, :, None]).sum((1, 2), dtype=torch.float32)
         total = summed if total is None else total + summed
         count += int(mask.sum())
-    return (total / count)[:, None, None, :]
+    return (total / count).to(outputs.dtype)[:, None, None, :]  # summed in float32, in the model's dtype
 
 
 def _one_batch(batches: object) -> bool:

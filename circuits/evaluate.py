@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .choices import ABLATIONS, Ablation, check_choice, check_positive
+from .batching import BatchPlan, BatchSize, check_batch_size
+from .choices import ABLATIONS, Ablation, check_choice
 from .circuit import Circuit, Scores, edge_mask_from, prune, top_n_mask
 from .engine import patched_forward
 from .errors import CircuitsError
@@ -44,34 +45,49 @@ class Evaluation:
 
 
 def masked_metrics(
-    model: Model, task: Task, masks: Sequence[torch.Tensor], ablation: Ablation = "patching", batch_size: int = 32
+    model: Model,
+    task: Task,
+    masks: Sequence[torch.Tensor],
+    ablation: Ablation = "patching",
+    batch_size: BatchSize | BatchPlan = 32,
+    max_memory: int | str | None = None,
 ) -> tuple[pd.DataFrame, list[np.ndarray], list[np.ndarray]]:
     """Per-example metric of the full model, the empty circuit and each edge mask (one forward per mask and batch).
 
     Returns (frame with columns full and empty, per-mask metric arrays, per-mask correctness arrays).
+    ``batch_size``: examples per batch, ``"auto"`` (as many as fit ``max_memory``, see ``circuits.batching``)
+    or a ``BatchPlan`` to reuse; a batch that runs out of memory is retried with half as many examples.
+    Metrics are computed in float32 whatever the model's dtype.
     """
     import pandas as pd
 
     check_choice("ablation", ablation, ABLATIONS)
-    check_positive("batch_size", batch_size)
+    check_batch_size(batch_size)
+    plan = BatchPlan.of(batch_size, model.device, max_memory)
     graph = model.graph
     empty_mask = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
     float_masks = [m.to(dtype=model.dtype, device=model.device) for m in masks]
-    full, empty = [], []
-    values: list[list[torch.Tensor]] = [[] for _ in masks]
-    right: list[list[torch.Tensor]] = [[] for _ in masks]
+    rows: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []  # one per batch
+
+    def run(batch) -> None:
+        tokens = batch.tokens
+        clean = _masked_logits(model, batch, None)
+        empty = metric_values(task.metric, _masked_logits(model, batch, empty_mask), tokens, clean)
+        values, right = [], []
+        for mask in float_masks:
+            logits = _masked_logits(model, batch, mask)
+            values.append(metric_values(task.metric, logits, tokens, clean).cpu())
+            right.append(correct(logits, tokens).cpu())
+        rows.append((metric_values(task.metric, clean, tokens, clean).cpu(), empty.cpu(), values, right))
+
     with torch.no_grad():
-        for batch in batches(model, task, ablation, batch_size):
-            tokens = batch.tokens
-            clean = _masked_logits(model, batch, None)
-            full.append(metric_values(task.metric, clean, tokens, clean))
-            empty.append(metric_values(task.metric, _masked_logits(model, batch, empty_mask), tokens, clean))
-            for k, mask in enumerate(float_masks):
-                logits = _masked_logits(model, batch, mask)
-                values[k].append(metric_values(task.metric, logits, tokens, clean))
-                right[k].append(correct(logits, tokens))
-    frame = pd.DataFrame({"full": torch.cat(full).cpu().numpy(), "empty": torch.cat(empty).cpu().numpy()})
-    return frame, [torch.cat(v).cpu().numpy() for v in values], [torch.cat(r).cpu().numpy() for r in right]
+        plan.each(lambda start: batches(model, task, ablation, plan, start=start), run)
+    frame = pd.DataFrame(
+        {"full": torch.cat([r[0] for r in rows]).numpy(), "empty": torch.cat([r[1] for r in rows]).numpy()}
+    )
+    values = [torch.cat([r[2][k] for r in rows]).numpy() for k in range(len(masks))]
+    right = [torch.cat([r[3][k] for r in rows]).numpy() for k in range(len(masks))]
+    return frame, values, right
 
 
 def _masked_logits(model: Model, batch, mask: torch.Tensor | None) -> torch.Tensor:
@@ -95,7 +111,13 @@ def faithfulness(circuit_value: float, full: float, empty: float) -> float:
     return float("nan") if metrics_equal(full, empty) else (circuit_value - empty) / (full - empty)
 
 
-def check_task(model: Model, task: Task, ablation: Ablation = "patching", batch_size: int = 32) -> tuple[float, float]:
+def check_task(
+    model: Model,
+    task: Task,
+    ablation: Ablation = "patching",
+    batch_size: BatchSize | BatchPlan = 32,
+    max_memory: int | str | None = None,
+) -> tuple[float, float]:
     """The task-mean metric of the full model and of the empty circuit (every edge ablated), or a CircuitsError
     when they are equal: the ablation does not change the metric, so no edge can be credited with anything and
     every faithfulness is 0/0 (``evaluate`` and ``faithfulness_curve`` give NaN). Typical causes: corrupted
@@ -111,7 +133,7 @@ def check_task(model: Model, task: Task, ablation: Ablation = "patching", batch_
             f"task {task.name!r}: every corrupted prompt equals its clean prompt, so the corrupted prompts do not "
             "change the metric and nothing can be attributed (faithfulness would be 0/0)"
         )
-    frame, _, _ = masked_metrics(model, task, [], ablation, batch_size)
+    frame, _, _ = masked_metrics(model, task, [], ablation, batch_size, max_memory)
     full, empty = float(frame["full"].mean()), float(frame["empty"].mean())
     if metrics_equal(full, empty):
         cause = "the corrupted prompts do" if ablation == "patching" else f"{ablation} ablation of every edge does"
@@ -124,15 +146,21 @@ def check_task(model: Model, task: Task, ablation: Ablation = "patching", batch_
 
 
 def evaluate(
-    model: Model, task: Task, circuit: Circuit, ablation: Ablation = "patching", batch_size: int = 32
+    model: Model,
+    task: Task,
+    circuit: Circuit,
+    ablation: Ablation = "patching",
+    batch_size: BatchSize = 32,
+    max_memory: int | str | None = None,
 ) -> Evaluation:
     """Faithfulness of ``circuit`` on ``task``: its edges kept, every other edge ablated.
 
     Faithfulness is NaN when the full model's and the empty circuit's metric are equal (see ``check_task``).
+    ``batch_size`` and ``max_memory`` as for ``masked_metrics`` (``"auto"`` fits the batches to memory).
     """
     if circuit.graph.n_src != model.graph.n_src or circuit.graph.n_dst != model.graph.n_dst:
         raise CircuitsError(f"the circuit is for {circuit.graph!r}, but the model has {model.graph!r}")
-    frame, values, right = masked_metrics(model, task, [circuit.mask], ablation, batch_size)
+    frame, values, right = masked_metrics(model, task, [circuit.mask], ablation, batch_size, max_memory)
     frame.insert(1, "circuit", values[0])
     frame["correct"] = right[0]
     full, empty, value = (float(frame[column].mean()) for column in ("full", "empty", "circuit"))
@@ -171,13 +199,14 @@ def faithfulness_curve(
     scores: Scores,
     fractions: Sequence[float] = MIB_FRACTIONS,
     ablation: Ablation = "patching",
-    batch_size: int = 32,
+    batch_size: BatchSize = 32,
     label: str | None = None,
+    max_memory: int | str | None = None,
 ) -> Curve:
     """Faithfulness of the top-scoring circuits at each size (pruned), with CPR and CMD as MIB defines them.
 
     Every faithfulness, CPR and CMD is NaN when the full model's and the empty circuit's metric are equal
-    (see ``check_task``).
+    (see ``check_task``). ``batch_size`` and ``max_memory`` as for ``masked_metrics``.
     """
     import pandas as pd
 
@@ -188,11 +217,13 @@ def faithfulness_curve(
         raise CircuitsError(f"fractions must lie in (0, 1], got {fractions}")
     graph, total = model.graph, len(model.graph)
     sizes = [max(1, round(f * total)) for f in fractions]
-    frame, _, _ = masked_metrics(model, task, [], ablation, batch_size)
+    check_batch_size(batch_size)
+    plan = BatchPlan.of(batch_size, model.device, max_memory)  # both passes run the same batches
+    frame, _, _ = masked_metrics(model, task, [], ablation, plan)
     full, empty = float(frame["full"].mean()), float(frame["empty"].mean())
     signed = [scores.most_helpful(n, task.higher_is_better).mask for n in sizes]
     absolute = [prune(graph, top_n_mask(scores, n, absolute=True)) for n in sizes]
-    _, values, _ = masked_metrics(model, task, signed + absolute, ablation, batch_size)
+    _, values, _ = masked_metrics(model, task, signed + absolute, ablation, plan)
     f = [faithfulness(float(v.mean()), full, empty) for v in values]
     curve = pd.DataFrame(
         {

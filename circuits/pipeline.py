@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from . import export
+from .batching import BatchPlan, BatchSize, check_batch_size, parse_memory
 from .choices import SELECTIONS, Ablation, Method, MetricName, Selection, check_choice, check_positive
 from .circuit import Circuit, Scores, greedy_mask, select
 from .errors import CircuitsError
@@ -75,12 +76,13 @@ def discover(
     candidates: int = 500,
     acdc_metric: MetricName = "kl",
     compare: Sequence[str] = (),
-    batch_size: int = 32,
+    batch_size: BatchSize = 32,
     ig_steps: int = 5,
     progress: bool = True,
     log: Callable[[str], None] = print,
     full_json: bool = False,
     checkpoint: str | Path | None = None,
+    max_memory: int | str | None = None,
 ) -> dict[str, Any]:
     """Find ``task``'s circuit in ``model`` and write the output folder ``out``; returns the summary.
 
@@ -88,7 +90,10 @@ def discover(
     ``acdc_threshold``, ACDC (on ``acdc_metric``) run on the method's ``candidates`` best edges, chosen
     by the same ``selection``. ``compare`` adds other attribution methods to the faithfulness figure and
     the summary's CPR/CMD. ``full_json`` writes every edge into circuit.json (the layout EAP-IG and
-    MIB read) instead of the circuit's own.
+    MIB read) instead of the circuit's own. ``batch_size`` is a number of examples or ``"auto"``: as many as fit
+    ``max_memory`` (default: what the device has free), see ``circuits.batching``. The attribution lays the
+    batches out (and its checkpoint records them); ACDC, the evaluation and the curves run the same batches,
+    so a resumed run gives identical numbers in every phase.
 
     ``checkpoint``: a folder for the resumable state of every long phase (``circuits.resume``), one file
     each: ``attribution.ckpt`` (the main attribution), ``attribution-METHOD.ckpt`` (each ``compare``
@@ -108,6 +113,8 @@ def discover(
     check_choice("selection", selection, SELECTIONS)
     check_positive("top_n", top_n)
     check_positive("candidates", candidates)
+    check_batch_size(batch_size)
+    parse_memory(max_memory)
     out = Path(out)
     check_output_folder(out)
     for name in (method, *compare):  # before any work: a pair whose gradients are all zero is refused
@@ -119,8 +126,9 @@ def discover(
     folder = checkpoint_folder(checkpoint, model, task, _run_settings(settings))
     phases = Phases(log)
     with phases("task check", "checking that the corrupted prompts change the metric"):
-        check_task(model, task, ablation, batch_size)
-    options = {"ablation": ablation, "batch_size": batch_size, "ig_steps": ig_steps, "progress": progress}
+        check_task(model, task, ablation, batch_size, max_memory)
+    plan = BatchPlan(batch_size, model.device, max_memory)  # one layout for every later phase
+    options = {"ablation": ablation, "batch_size": plan, "ig_steps": ig_steps, "progress": progress}
     with phases("attribution", f"scoring {len(model.graph):,} edges with {method} ({len(task)} examples)"):
         scores = attribute(model, task, method, **options, checkpoint=_phase(folder, "attribution"))
     with phases("selection", "selecting the circuit"):
@@ -136,14 +144,14 @@ def discover(
                 ablation=ablation,
                 candidates=pool,
                 progress=progress,
-                batch_size=batch_size,
+                batch_size=plan,
                 checkpoint=_phase(folder, "acdc"),
             )
             circuit = Circuit(model.graph, found.mask, scores=scores.tensor, meta=found.meta)
             circuit.meta.update({"method": f"acdc on {method} candidates", "candidates": len(pool)})
     circuit.meta.update({"model": model.name, "task": task.name, "ablation": ablation})
     with phases("evaluation", f"evaluating the {len(circuit)}-edge circuit"):
-        evaluation = evaluate(model, task, circuit, ablation, batch_size)
+        evaluation = evaluate(model, task, circuit, ablation, plan)
     curves = []
     for name in (method, *[m for m in compare if m != method]):
         other = scores if name == method else None
@@ -151,7 +159,7 @@ def discover(
             with phases(f"attribution ({name})", f"scoring with {name} for comparison"):
                 other = attribute(model, task, name, **options, checkpoint=_phase(folder, f"attribution-{name}"))
         with phases(f"curve ({name})", f"faithfulness curve of {name}"):
-            curves.append(faithfulness_curve(model, task, other, ablation=ablation, batch_size=batch_size))
+            curves.append(faithfulness_curve(model, task, other, ablation=ablation, batch_size=plan))
     how = {"selection": selection}
     if acdc_threshold is not None:
         how.update({"acdc_threshold": acdc_threshold, "acdc_metric": acdc_metric, "candidates": len(pool)})

@@ -184,7 +184,7 @@ def test_a_resumed_attribution_equals_the_uninterrupted_tensor_exactly(model, ta
         interrupt_after(patch, *BATCH_FUNCTIONS[method], calls=2)
         with pytest.raises(KeyboardInterrupt):
             circuits.attribute(model, task, **options, checkpoint=path)
-    assert read_checkpoint(path).state == {"next": 2}
+    assert read_checkpoint(path).state == {"next": 2, "batches": {"sizes": [[2, 2]], "size": 2, "halvings": 0}}
     resumed = circuits.attribute(model, task, **options, checkpoint=path)
     assert same_tensor(resumed.tensor, uninterrupted.tensor)
 
@@ -447,7 +447,7 @@ def test_an_interrupted_discover_with_a_checkpoint_says_the_same_command_resumes
     folder = tmp_path / "ckpt"
     assert main(discover_args(model_dir, tmp_path / "out", "--batch-size", "4", "--checkpoint", str(folder))) == 130
     assert f"rerun the same command to resume from {folder}" in capsys.readouterr().err
-    assert read_checkpoint(folder / "attribution.ckpt").state == {"next": 1}
+    assert read_checkpoint(folder / "attribution.ckpt").state["next"] == 1
 
 
 # --- a killed process (kill -9) resumes to the uninterrupted outputs --------------------------------

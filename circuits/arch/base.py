@@ -48,6 +48,10 @@ class Adapter(ABC):
     # The config field that bounds the sequence length (learned positions, or the rotary models' declared
     # maximum); None, a missing field or 0 means no limit.
     position_limit: str | None = None
+    # Does position t read only positions <= t (so a prompt's prefix is computed as if alone)?
+    causal: bool = True
+    # May the model's layers sit on different devices, or be offloaded (see ``circuits.placement``)?
+    placeable: bool = True
 
     def __init__(self, hf: nn.Module):
         self.hf = hf
@@ -100,6 +104,15 @@ class Adapter(ABC):
     def window(self, layer: int) -> int | None:
         """Sliding-window size of this layer's attention, None for full causal attention."""
         return None
+
+    # --- placement (models on several devices) -------------------------------------------
+    def input_modules(self) -> list[nn.Module]:
+        """The modules ``embed`` calls: their execution device is the model's input device."""
+        return [self.hf.get_input_embeddings()]
+
+    def layer_module(self, layer: int) -> nn.Module:
+        """The module holding every weight of ``layer``: a device map places it whole."""
+        return self.blocks[layer]
 
     # --- shared math -------------------------------------------------------------------
     @property

@@ -25,6 +25,9 @@ class GPT2Adapter(Adapter):
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.body.wte(input_ids) + self.body.wpe(position_ids)
 
+    def input_modules(self) -> list[nn.Module]:
+        return [self.body.wte, self.body.wpe]
+
     def qkv(self, layer: int, x: torch.Tensor, ctx: Context):
         block = self.blocks[layer]
         normed = block.ln_1(x)

@@ -19,6 +19,7 @@ from .base import Adapter, Context, per_head_linear
 class NativeAdapter(Adapter):
     model_types = ("circuits-native",)
     position_limit = "n_positions"
+    placeable = False  # the unembedding is the root module's own W_U: native models run on one device
 
     def __init__(self, hf: nn.Module):
         super().__init__(hf)
@@ -26,6 +27,7 @@ class NativeAdapter(Adapter):
         self.blocks = hf.blocks
         self.n_layers, self.n_heads, self.n_kv_heads = cfg.n_layers, cfg.n_heads, cfg.n_heads
         self.head_dim, self.d_model = cfg.d_head, cfg.d_model
+        self.causal = bool(cfg.causal)
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.hf.embed_tokens(input_ids, position_ids)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..batching import BatchPlan, BatchSize, check_batch_size, parse_memory
 from ..choices import ABLATIONS, LEVELS, METHODS, Ablation, Level, Method, check_choice, check_positive
 from ..circuit import Scores
 from ..errors import CircuitsError
@@ -26,11 +27,12 @@ def attribute(
     task: Task,
     method: Method = "eap-ig-inputs",
     ablation: Ablation = "patching",
-    batch_size: int = 32,
+    batch_size: BatchSize = 32,
     ig_steps: int = 5,
     level: Level = "edge",
     progress: bool = True,
     checkpoint: str | Path | None = None,
+    max_memory: int | str | None = None,
 ) -> Scores:
     """Score every edge (or, with ``level="node"``, every source node) of the model's graph on a task.
 
@@ -38,7 +40,13 @@ def attribute(
     ``method`` is one of ``circuits.choices.METHODS``: ``exact`` runs one patched forward per edge,
     the others are the gradient estimates of ``circuits.methods.gradient``. ``ablation`` is one of
     ``ABLATIONS``: ``patching`` (the corrupted prompts' activations), ``mean`` (over the task's clean
-    prompts) or ``zero``. Memory is bounded by ``batch_size``; scores are returned on the CPU.
+    prompts) or ``zero``. Scores are returned on the CPU, in float32 whatever the model's dtype.
+
+    Memory is bounded by ``batch_size``: examples per batch, or ``"auto"``, the most that fit ``max_memory``
+    (bytes or a string such as ``"8GiB"``; default: what the model's device has free), sized from the peak
+    memory of a first small batch. A batch that runs out of memory is retried with half as many examples
+    (one line on stderr says so); see ``circuits.batching``. Scores are sums over examples: any batch size
+    gives the same scores up to float rounding.
 
     ``eap`` takes its gradients at the clean run only, where the ``kl`` and ``l2`` metrics are at their
     minimum (every gradient is zero): that pair is refused; use an EAP-IG method or an answer metric.
@@ -52,10 +60,12 @@ def attribute(
     check_choice("method", method, METHODS)
     check_choice("ablation", ablation, ABLATIONS)
     check_choice("level", level, LEVELS)
-    check_positive("batch_size", batch_size)
+    check_batch_size(batch_size)
+    parse_memory(max_memory)
     check_positive("ig_steps", ig_steps)
     check_gradient_metric(method, task.metric, ig_steps)
-    parameters = {"method": method, "ablation": ablation, "batch_size": batch_size, "level": level}
+    plan = BatchPlan.of(batch_size, model.device, max_memory)  # lays the batches out; the checkpoint records them
+    parameters = {"method": method, "ablation": ablation, "batch_size": plan.requested, "level": level}
     if method in GRADIENT_METHODS and GRADIENT_METHODS[method].uses_steps:
         parameters["ig_steps"] = ig_steps
     if method == "exact":
@@ -63,9 +73,13 @@ def attribute(
     resumable = open_checkpoint(checkpoint, model, task, parameters)
     start = time.perf_counter()
     if method == "exact":
-        tensor = exact_scores(model, task, ablation, batch_size, level, progress, checkpoint=resumable)
+        tensor = plan.run(
+            lambda saved: exact_scores(model, task, ablation, plan, level, progress, checkpoint=saved), resumable
+        )
     else:
-        tensor = gradient_scores(model, task, method, ablation, batch_size, ig_steps, progress, resumable)
+        tensor = plan.run(
+            lambda saved: gradient_scores(model, task, method, ablation, plan, ig_steps, progress, saved), resumable
+        )
         if level == "node":
             tensor = tensor.masked_fill(~model.graph.real, 0).sum(1)
     _check_finite(model, tensor, level)

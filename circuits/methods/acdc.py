@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..choices import ABLATIONS, METRICS, Ablation, MetricName, check_choice, check_positive
+from ..batching import BatchPlan, BatchSize, PlannedCheckpoint, check_batch_size, is_out_of_memory
+from ..choices import ABLATIONS, METRICS, Ablation, MetricName, check_choice
 from ..circuit import Circuit, edge_mask_from
 from ..engine import PrefixCache, patched_forward
 from ..errors import CircuitsError
@@ -56,8 +57,9 @@ def acdc(
     candidates: Any = None,
     checkpoint: str | Path | None = None,
     progress: bool = True,
-    batch_size: int = 32,
+    batch_size: BatchSize = 32,
     reuse_prefix: bool = True,
+    max_memory: int | str | None = None,
 ) -> Circuit:
     """Run ACDC; returns the circuit with ``meta`` (forward-pass equivalents, steps, metric).
 
@@ -69,12 +71,19 @@ def acdc(
     raises ``CircuitsError`` naming what differs. ``meta["forward_equivalents"]`` is the true cost of
     the whole search, the runs before an interruption included (their counters are saved with it).
     ``reuse_prefix=False`` runs every step as a whole forward (for benchmarks; same circuit).
+
+    ``batch_size``: examples per batch, or ``"auto"``: as many as fit ``max_memory`` (bytes or a string such
+    as ``"8GiB"``; default: what the device has free), see ``circuits.batching``. Every batch's prefix is
+    kept for the whole search, so the batch size bounds the memory of one step, not of the caches. After an
+    out-of-memory error every batch is laid out again with half as many examples (one line on stderr); the
+    checkpoint records the layout in use, so a resumed search replays it.
     """
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0:
         raise CircuitsError(f"threshold must be a number >= 0, got {threshold!r}")
     check_choice("metric", metric, METRICS)
     check_choice("ablation", ablation, ABLATIONS)
-    check_positive("batch_size", batch_size)
+    check_batch_size(batch_size)
+    plan = BatchPlan.of(batch_size, model.device, max_memory)
     graph = model.graph
     kept = graph.real.clone() if candidates is None else edge_mask_from(graph, candidates)
     n_candidates = int(kept.sum())
@@ -82,11 +91,13 @@ def acdc(
     parameters = {
         "method": "acdc",
         **config,
-        "batch_size": batch_size,
+        "batch_size": plan.requested,
         "candidates": kept,
         "reuse_prefix": reuse_prefix,
     }
     resumable = open_checkpoint(checkpoint, model, task, parameters)
+    if resumable is not None:  # it records the batches laid out, and replays them when resumed
+        resumable = PlannedCheckpoint(resumable, plan)
     order = destination_order(graph)
     saved = None if resumable is None else resumable.load()
     base_mask = kept.to(model.dtype).to(model.device)
@@ -99,7 +110,7 @@ def acdc(
     for position in range(state["next"], len(order)):
         if scorer is None:
             # the prefix before each layer is computed with the candidate mask, which ACDC has not touched there
-            scorer = _Scorer(model, task, metric, ablation, batch_size, base_mask, reuse_prefix)
+            scorer = _Scorer(model, task, metric, ablation, plan, base_mask, reuse_prefix)
             if position == 0:
                 state["current"] = scorer.evaluate(base_mask, graph.n_layers)
         destination = order[position]
@@ -170,26 +181,52 @@ class _Scorer:
     """The task-mean metric for a mask, over every batch (resuming from prefix caches by default)."""
 
     def __init__(
-        self, model: Model, task: Task, metric: str, ablation: str, batch_size: int, base_mask, reuse_prefix: bool
+        self, model: Model, task: Task, metric: str, ablation: str, plan: BatchPlan, base_mask, reuse_prefix: bool
     ):
         self.model, self.task, self.metric, self.reuse_prefix = model, task, metric, reuse_prefix
+        self.ablation, self.plan, self.base_mask = ablation, plan, base_mask
         self.batches = []
-        for batch in batches(model, task, ablation, batch_size):
+        self.evaluations = 0
+        self.dropped = 0.0  # forward equivalents run on batch layouts dropped after running out of memory
+        self._retrying(lambda: None)
+
+    def _build(self) -> None:
+        """Every batch's clean logits and (with ``reuse_prefix``) prefix cache, laid out by the plan."""
+        for batch in batches(self.model, self.task, self.ablation, self.plan):
             tokens = batch.tokens
             with torch.no_grad():
                 clean = patched_forward(
-                    model, tokens.clean_ids, tokens.attention_mask, logit_positions=tokens.positions
+                    self.model, tokens.clean_ids, tokens.attention_mask, logit_positions=tokens.positions
                 )
             cache = None
-            if reuse_prefix:
+            if self.reuse_prefix:
                 cache = PrefixCache(
-                    model, tokens.clean_ids, tokens.attention_mask, batch.patch, tokens.positions, base_mask
+                    self.model, tokens.clean_ids, tokens.attention_mask, batch.patch, tokens.positions, self.base_mask
                 )
             self.batches.append((batch, clean.logits, cache))
-        self.evaluations = 0
+
+    def _retrying(self, compute):
+        """``compute()`` with every batch built; after an out-of-memory error the batches are dropped, laid out
+        again with half as many examples and rebuilt (one line on stderr), and ``compute`` runs again."""
+        while True:
+            try:
+                if not self.batches:
+                    self._build()
+                return compute()
+            except Exception as error:  # only allocation failures are retried
+                if not is_out_of_memory(error):
+                    raise
+            if self.reuse_prefix and self.batches:
+                layers = sum(cache.layers_run for _, _, cache in self.batches)
+                self.dropped += layers / self.model.graph.n_layers / len(self.batches)
+            self.batches = []
+            self.plan.halve(everything=True)
 
     def evaluate(self, edge_mask: torch.Tensor, from_layer: int) -> float:
         self.evaluations += 1
+        return self._retrying(lambda: self._evaluate(edge_mask, from_layer))
+
+    def _evaluate(self, edge_mask: torch.Tensor, from_layer: int) -> float:
         total = 0.0
         for batch, clean_logits, cache in self.batches:
             if cache is None:
@@ -215,5 +252,5 @@ class _Scorer:
             return {"forward_equivalents": naive, "forward_equivalents_without_prefix_reuse": naive}
         n_layers, n_batches = self.model.graph.n_layers, len(self.batches)
         layers = sum(cache.layers_run for _, _, cache in self.batches)
-        used = layers / n_layers / n_batches + 2  # + the clean runs and the prefix runs
+        used = self.dropped + layers / n_layers / n_batches + 2  # + the clean runs and the prefix runs
         return {"forward_equivalents": used, "forward_equivalents_without_prefix_reuse": naive}

@@ -1,4 +1,4 @@
-"""What every method shares: batches with their ablation values, the averaged metric."""
+"""What every method shares: batches with their ablation values, the averaged metric, running sums."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import mean_values, patching_values
+from ..batching import BatchPlan, BatchSize
+from ..engine import patching_values, source_outputs
 from ..errors import CircuitsError
 from ..model import Model
 from ..resume import Checkpoint
@@ -23,24 +24,58 @@ class Batch:
 
 
 def batches(
-    model: Model, task: Task, ablation: str, batch_size: int, progress: bool = False, start: int = 0
+    model: Model,
+    task: Task,
+    ablation: str,
+    batch_size: BatchSize | BatchPlan,
+    progress: bool = False,
+    start: int = 0,
 ) -> Iterator[Batch]:
     """The task in batches with their ablation values; patching values are computed one batch at a time.
 
+    ``batch_size``: examples per batch, ``"auto"``, or the ``circuits.batching.BatchPlan`` that lays the
+    batches out (it records their sizes, so that a computation resumed at batch ``start`` replays them).
     ``start``: the index of the first batch to yield (a resumed computation skips the batches it has done).
     """
+    plan = BatchPlan.of(batch_size, model.device)
     tokenized = task.check(model).to(model.device)  # a prompt too long, an id outside the vocabulary: named now
     mean = None
-    if ablation == "mean":  # over the whole task's clean prompts, not per batch
-        mean = mean_values(model, ((t.clean_ids, t.attention_mask) for t in tokenized.batches(batch_size)))
-    every = list(tokenized.batches(batch_size))
-    bar = tqdm(every[start:], desc="batches", initial=start, total=len(every), disable=not progress, leave=False)
-    for tokens in bar:
+    if ablation == "mean":  # over the whole task's clean prompts, not per batch; kept by the plan for retries
+        if plan.mean is None:
+            plan.mean = ablation_mean(model, tokenized, plan.sub_plan())
+        mean = plan.mean.to(device=model.device, dtype=model.dtype)
+    lengths = tokenized.attention_mask.sum(1).tolist()
+    n = len(lengths)
+    bar = None
+    for offset, size in plan.spans(lengths, start):
+        if bar is None:
+            bar = tqdm(desc="examples", initial=offset, total=n, disable=not progress, leave=False)
+        tokens = tokenized[offset : offset + size]
         if ablation == "patching":
             patch = patching_values(model, tokens.attention_mask, tokens.corrupted_ids, tokens.attention_mask)
         else:
             patch = mean
-        yield Batch(tokens, patch, len(tokenized))
+        yield Batch(tokens, patch, n)
+        bar.update(size)
+    if bar is not None:
+        bar.close()
+
+
+def ablation_mean(model: Model, tokenized: TokenizedTask, plan: BatchPlan) -> torch.Tensor:
+    """The ``mean`` ablation values: each source's output averaged over the clean prompts' real positions,
+    ``[n_src, 1, 1, D]`` in the model's dtype, summed in float32 over batches laid out by ``plan``."""
+    lengths = tokenized.attention_mask.sum(1).tolist()
+    sums: list[torch.Tensor] = []
+
+    def add(span: tuple[int, int]) -> None:
+        tokens = tokenized[span[0] : span[0] + span[1]]
+        outputs = source_outputs(model, tokens.clean_ids, tokens.attention_mask)
+        mask = tokens.attention_mask.to(outputs.dtype)[None, :, :, None]
+        sums.append((outputs * mask).sum((1, 2), dtype=torch.float32))
+
+    plan.each(lambda start: plan.spans(lengths, start), add)
+    total = torch.stack(sums).sum(0) if len(sums) > 1 else sums[0]
+    return (total / tokenized.attention_mask.sum()).to(model.dtype)[:, None, None, :]
 
 
 def metric_sum(task: Task, logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor) -> torch.Tensor:

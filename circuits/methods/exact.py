@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..batching import BatchPlan
 from ..engine import PrefixCache
 from ..model import Model
 from ..resume import Checkpoint
@@ -24,14 +25,16 @@ def exact_scores(
     model: Model,
     task: Task,
     ablation: str,
-    batch_size: int,
+    batch_size: int | str | BatchPlan,
     level: str,
     progress: bool,
     max_tokens: int = MAX_TOKENS,
     checkpoint: Checkpoint | None = None,
 ) -> torch.Tensor:
     """Exact scores; up to ``max_tokens`` tokens (copies of a batch, one ablation each) per forward. With
-    ``checkpoint``, the running sum and the next batch are saved after each batch and resumed from."""
+    ``checkpoint``, the running sum and the next batch are saved after each batch and resumed from.
+    ``batch_size`` may be a ``circuits.batching.BatchPlan``: each time it halved after running out of
+    memory, ``max_tokens`` halves too (more copies of a smaller batch would take the same memory)."""
     graph = model.graph
     if level == "edge":
         rows, cols = graph.real.nonzero(as_tuple=True)
@@ -45,7 +48,8 @@ def exact_scores(
     zeros = torch.zeros(graph.n_src, graph.n_dst) if level == "edge" else torch.zeros(graph.n_src)
     scores, start = resumed_sum(checkpoint, zeros)
     for index, batch in enumerate(batches(model, task, ablation, batch_size, progress, start), start):
-        _add_batch_scores(scores, model, task, batch, by_layer, level, max_tokens, progress)
+        tokens = max(1, max_tokens >> getattr(batch_size, "halvings", 0))  # read after the checkpoint restored it
+        _add_batch_scores(scores, model, task, batch, by_layer, level, tokens, progress)
         save_sum(checkpoint, scores, index + 1)
     return scores
 

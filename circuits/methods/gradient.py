@@ -14,13 +14,17 @@ where out_u is u's clean output and the points are:
   input shrinks to zero), so prefer patching or mean ablation for this method;
 - ``clean-corrupted``: the clean run and the run on the ablated input, averaged.
 
-Each gradient point is one forward and one backward; the gradients at each layer's destination
-inputs are accumulated, then contracted with the deltas once per batch (per point for
-``eap-ig-activations``).
+Each gradient point is one forward and one backward. The deltas are recorded as the sources are computed
+(of the clean run, or of each point's own run for ``eap-ig-activations``), and each layer's destination-input
+gradients are contracted with them as soon as the backward reaches that layer: the contraction is linear in
+the gradient, so contracting every point's gradient equals contracting their sum, and no gradient of more
+than one layer is held. With ``patching`` ablation in a causal model the positions every pair of a batch shares
+are left out of the deltas, the gradients and the contraction: every delta is exactly zero there.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 
 from ..choices import METRICS
-from ..engine import PatchedOutput, patched_forward
+from ..engine import patched_forward, unchanged_prefix
 from ..errors import CircuitsError
 from ..model import Model
 from ..resume import Checkpoint
@@ -96,69 +100,111 @@ def gradient_scores(
     graph = model.graph
     scores, start = resumed_sum(checkpoint, torch.zeros(graph.n_src, graph.n_dst))
     for index, batch in enumerate(batches(model, task, ablation, batch_size, progress, start), start):
-        scores += _batch_scores(model, task, batch, method, ig_steps)
+        scores += _batch_scores(model, task, batch, method, ig_steps, ablation)
         save_sum(checkpoint, scores, index + 1)
     return scores
 
 
-def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps: int) -> torch.Tensor:
+def _batch_scores(
+    model: Model, task: Task, batch: Batch, method: str, ig_steps: int, ablation: str | None = None
+) -> torch.Tensor:
+    """One batch's scores.
+
+    ``ablation="patching"`` says that ``batch.patch`` is this batch's own corrupted outputs, used up here: the
+    positions every pair shares are left out, and (unless each point's own deltas are needed while the patch
+    is read) the deltas are written over the patch as it is consumed. None: the patch may be anything and is
+    left as it is; every position counts.
+    """
     spec = GRADIENT_METHODS[method]
     graph, tokens = model.graph, batch.tokens
     ids, mask, positions = tokens.clean_ids, tokens.attention_mask, tokens.positions
+    patching = ablation == "patching"
+    start = unchanged_prefix(model, ids, tokens.corrupted_ids, mask) if patching else 0
+    points = spec.points(ig_steps)
+    first_is_clean = spec.first_point_is_clean(ig_steps)
     with torch.no_grad():
         clean_input = model.adapter.embed(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
-        ablated_input = torch.zeros_like(clean_input) if batch.patch is None else batch.patch[0].expand_as(clean_input)
-        clean = None
-        if not spec.first_point_is_clean(ig_steps):
-            clean = patched_forward(model, ids, mask, keep_outputs=True, logit_positions=positions)
+        if batch.patch is None:
+            ablated_input = torch.zeros_like(clean_input)
+        else:  # a copy: the patch may be overwritten by the deltas
+            ablated_input = batch.patch[0].expand_as(clean_input).clone()
+    reuse = patching and not any(mask_value is not None for _, mask_value in points)  # no forward reads the patch
+    contraction = _Contraction(model, batch.patch, tuple(ids.shape), start, reuse)
+    clean_logits = None
+    with torch.no_grad():
+        needs_clean_logits = isinstance(task.metric, str) and task.metric in REFERENCE_METRICS
+        if not first_is_clean and (needs_clean_logits or not spec.per_point):  # the clean logits or deltas
+            record = None if spec.per_point else contraction.record
+            clean_logits = patched_forward(model, ids, mask, logit_positions=positions, source_hook=record).logits
 
-    gradients: dict[int, tuple[slice, torch.Tensor]] = {}
-
-    def accumulate(destinations: slice, grad: torch.Tensor) -> None:
-        if destinations.start in gradients:
-            gradients[destinations.start][1].add_(grad)
-        else:
-            gradients[destinations.start] = (destinations, grad.clone())
-
-    points = spec.points(ig_steps)
-    per_point = spec.per_point
-    scores = torch.zeros(graph.n_src, graph.n_dst)
-    for alpha, mask_value in points:
+    for index, (alpha, mask_value) in enumerate(points):
         edge_mask = None
         if mask_value is not None:
             edge_mask = torch.full((graph.n_src, graph.n_dst), mask_value, dtype=model.dtype, device=model.device)
         embeddings = (ablated_input + alpha * (clean_input - ablated_input)).detach().requires_grad_(True)
+        clean_run = first_is_clean and index == 0
         run = patched_forward(
             model,
             ids,
             mask,
             edge_mask,
-            batch.patch,
-            keep_outputs=per_point or clean is None,
+            None if edge_mask is None else batch.patch,
             logit_positions=positions,
-            grad_hook=accumulate,
+            grad_hook=contraction.contract,
             input_embeddings=embeddings,
+            source_hook=contraction.record if spec.per_point or clean_run else None,
         )
-        if clean is None:  # this point is the clean run: its outputs and logits are the clean ones
-            clean = PatchedOutput(run.logits.detach(), run.outputs.detach())
-        value = metric_sum(task, run.logits, batch, clean.logits) / len(points)
+        if clean_run:  # this point is the clean run: its logits are the clean ones
+            clean_logits = run.logits.detach()
+        value = metric_sum(task, run.logits, batch, clean_logits) / len(points)
         torch.autograd.grad(value, embeddings, allow_unused=True)
-        if per_point:
-            _contract(scores, _deltas(run.outputs.detach(), batch.patch), gradients, graph)
-            gradients.clear()
-    if not per_point:
-        _contract(scores, _deltas(clean.outputs, batch.patch), gradients, graph)
-    return scores
+    return contraction.scores.cpu()
 
 
-def _deltas(outputs: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
-    """out_u - patch_u for every source."""
-    return outputs if patch is None else outputs - patch
+class _Contraction:
+    """One batch's deltas ``out_u - patch_u`` from position ``start`` on, recorded as a forward computes the
+    sources, and the scores ``scores[u, v] -= delta_u . grad_v`` they give as each layer's gradients arrive.
+
+    The deltas are ``[n_src, B, T - start, D]`` in the model's dtype on its device; the scores accumulate there
+    in float32 (low-precision deltas are widened a few sources at a time). With ``reuse`` the deltas take the
+    patch's own memory (``[n_src, B, T, D]``, contiguous): sources are recorded in order, and source u's deltas
+    go where patch rows u and before were, all of which have been read by then.
+    """
+
+    def __init__(self, model: Model, patch: torch.Tensor | None, shape: tuple[int, int], start: int, reuse: bool):
+        batch, seq = shape
+        graph = model.graph
+        self.graph, self.patch, self.start = graph, patch, start
+        deltas_shape = (graph.n_src, batch, seq - start, model.adapter.d_model)
+        reuse = reuse and patch is not None and patch.shape == (*deltas_shape[:2], seq, deltas_shape[3])
+        self.reuse = reuse and patch.is_contiguous() and patch.dtype == model.dtype and patch.device == model.device
+        if self.reuse:
+            self.deltas = patch.view(-1)[: math.prod(deltas_shape)].view(deltas_shape)
+        else:
+            self.deltas = torch.empty(deltas_shape, dtype=model.dtype, device=model.device)
+        self.scores = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.float32, device=model.device)
+
+    def record(self, first: int, outputs: torch.Tensor) -> None:
+        rows = self.deltas[first : first + len(outputs)]
+        outputs = outputs[:, :, self.start :].to(rows.device)
+        if self.patch is None:
+            rows.copy_(outputs)
+            return
+        patch = self.patch[first : first + len(outputs)]
+        patch = patch[:, :, self.start :] if patch.shape[2] > 1 else patch
+        if self.reuse:  # the rows may overlap the patch rows read: subtract first
+            rows.copy_(outputs - patch)
+        else:
+            torch.sub(outputs, patch, out=rows)
+
+    def contract(self, destinations: slice, grad: torch.Tensor) -> None:
+        reads = int(self.graph.n_inputs[destinations.start])
+        grad = grad[:, :, self.start :].to(self.deltas.device).flatten(1).float().T
+        deltas = self.deltas[:reads].flatten(1)
+        step = reads if deltas.dtype == torch.float32 else CONTRACTION_ROWS
+        for first in range(0, reads, step):
+            rows = slice(first, min(first + step, reads))
+            self.scores[rows, destinations] -= deltas[rows].float() @ grad
 
 
-def _contract(scores: torch.Tensor, deltas: torch.Tensor, gradients: dict, graph) -> None:
-    """scores[u, v] -= delta_u . grad_v, one matrix product per layer over the sources it reads."""
-    flat_deltas = deltas.flatten(1).float()
-    for destinations, grad in gradients.values():
-        reads = int(graph.n_inputs[destinations.start])
-        scores[:reads, destinations] -= (flat_deltas[:reads] @ grad.flatten(1).float().T).cpu()
+CONTRACTION_ROWS = 16  # sources widened to float32 at a time when the model runs in lower precision
