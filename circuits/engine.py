@@ -243,10 +243,11 @@ class _SplitGradient:
 class _SharedQKV(torch.autograd.Function):
     """q, k, v of one layer from the stream ``[1, B, T, D]`` all its attention destinations read.
 
-    The forward is the plain computation (no per-destination copies are made or saved). The backward
-    recomputes q, k, v from n per-destination views of the stream, so that autograd gives each destination
-    its own input gradient ``[n, B, T, D]`` (held for this layer only); it passes those to the grad hook
-    and returns their sum, the stream's gradient.
+    The forward is the plain computation (no per-destination copies are made or saved). The backward gives each
+    destination its own input gradient ``[n, B, T, D]`` (held for this layer only): the gradient at the normed
+    input of each head's own projection (the projections run on stride-0 views of the normed stream, so no
+    input is copied), then through the norm's Jacobian at the shared stream, one batched vector-Jacobian
+    product for all n. It passes those to the grad hook and returns their sum, the stream's gradient.
     """
 
     @staticmethod
@@ -259,11 +260,16 @@ class _SharedQKV(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         (inputs,) = ctx.saved_tensors
         split = ctx.split
-        n = split.destinations.stop - split.destinations.start
+        adapter, layer = split.adapter, split.layer
         with torch.enable_grad(), split.stage if split.stage is not None else contextlib.nullcontext():
-            copies = inputs.detach().expand(n, *inputs.shape[1:]).requires_grad_(True)
-            outputs = split.adapter.qkv(split.layer, copies, split.ctx)
-            (grad,) = torch.autograd.grad(outputs, copies, grads)
+            stream = inputs.detach().requires_grad_(True)
+            normed = adapter.attention_norm(layer)(stream)
+            shared = normed.detach()
+            parts = tuple(shared.expand(n, *shared.shape[1:]).requires_grad_(True) for n in adapter.qkv_counts())
+            outputs = adapter.project_qkv(layer, parts, split.ctx)
+            normed_grads = torch.cat(torch.autograd.grad(outputs, parts, grads))
+            (grad,) = torch.autograd.grad(normed, stream, normed_grads.unsqueeze(1), is_grads_batched=True)
+        grad = grad.squeeze(1)
         split.hook(split.destinations, grad.to(split.home))
         return grad.sum(0, keepdim=True), None
 
@@ -485,13 +491,25 @@ def unchanged_prefix(
     return min(int(first.min()), seq - 1)
 
 
-def source_outputs(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Every source's output on these prompts, ``[n_src, B, T, D]``, without gradients."""
+def source_outputs(
+    model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, start: int = 0
+) -> torch.Tensor:
+    """Every source's output on these prompts from position ``start`` on, ``[n_src, B, T - start, D]``, without
+    gradients; written into one buffer as the sources are computed (never two copies of it)."""
     input_ids, attention_mask = as_batch(model, input_ids, attention_mask)
+    batch, seq = input_ids.shape
+    if not 0 <= start < seq:
+        raise CircuitsError(f"start must be a position of the prompts (0 to {seq - 1}), got {start}")
+    buffer = torch.empty(
+        (model.graph.n_src, batch, seq - start, model.adapter.d_model), dtype=model.dtype, device=model.device
+    )
+
+    def keep(first: int, outputs: torch.Tensor) -> None:
+        buffer[first : first + len(outputs)] = outputs[:, :, start:]
+
     with torch.no_grad():
-        return patched_forward(
-            model, input_ids, attention_mask, keep_outputs=True, logit_positions=_first(input_ids)
-        ).outputs
+        patched_forward(model, input_ids, attention_mask, logit_positions=_first(input_ids), source_hook=keep)
+    return buffer
 
 
 def patching_values(
@@ -499,8 +517,9 @@ def patching_values(
     clean_attention_mask: torch.Tensor,
     corrupted_ids: torch.Tensor,
     corrupted_attention_mask: torch.Tensor | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Ablation values for ``patching``: the corrupted prompts' source outputs.
+    """Ablation values for ``patching``: the corrupted prompts' source outputs (from position ``start`` on).
 
     Checks that every clean/corrupted pair has the same length, naming the first example that does not.
     """
@@ -521,7 +540,7 @@ def patching_values(
             f"{int(corrupted_lengths[i])}; the two prompts of a pair must have equal length "
             f"({len(mismatched)} pair(s) differ)"
         )
-    return source_outputs(model, corrupted_ids, corrupted_attention_mask)
+    return source_outputs(model, corrupted_ids, corrupted_attention_mask, start)
 
 
 def mean_values(

@@ -8,6 +8,7 @@ minus the metric's gradient at that destination's input. Scores are then contrac
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack
 
 import pytest
@@ -114,10 +115,13 @@ def oracle_point(model, oracle, tokens, clean, patch, alpha, m):
     return {u: store["out"].detach() for u, store in stores.items()}, dict(zip(graph.destinations, grads, strict=True))
 
 
-def assert_equal_scores(got, expected, atol=1e-5):
+def assert_equal_scores(got, expected, tolerance=2e-5):
+    """Equal within ``tolerance`` of the largest score: float32 sums over B x T x D products, in an order that
+    differs between the engine, the oracle and runs (the matrix product's blocking follows memory alignment)."""
     real = ~torch.isnan(expected)
     assert torch.equal(torch.isnan(got), ~real)
-    assert torch.allclose(got[real], expected[real], atol=atol), float((got[real] - expected[real]).abs().max())
+    atol = tolerance * max(1.0, float(expected[real].abs().max()))
+    assert torch.allclose(got[real], expected[real], rtol=0, atol=atol), float((got[real] - expected[real]).abs().max())
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -133,7 +137,7 @@ def test_gradient_scores_equal_the_hook_oracle(arch, method, task):
 def test_gradient_scores_with_mean_and_zero_ablation_equal_the_hook_oracle(ablation, method, task):
     model = circuits.Model.from_hf(tiny_hf("qwen2"))
     scores = circuits.attribute(model, task, method, ablation=ablation, batch_size=4, ig_steps=STEPS, progress=False)
-    assert_equal_scores(scores.tensor, oracle_scores(model, task, method, ablation), atol=1e-4)
+    assert_equal_scores(scores.tensor, oracle_scores(model, task, method, ablation), tolerance=1e-4)
 
 
 def test_the_unchanged_prefix_is_where_the_batch_first_differs(task):
@@ -163,10 +167,12 @@ def test_a_bidirectional_model_has_no_unchanged_prefix(task):
 @pytest.mark.parametrize("name", ["native-bidirectional", "native-mlp-ln"])
 @pytest.mark.parametrize("method", METHODS)
 def test_trimming_positions_changes_no_score(name, method, task):
-    """With patching, scores equal those of the untrimmed computation (a batch without ablation name)."""
+    """With patching, scores equal those of the computation over every position (a batch that starts at 0)."""
     model = circuits.Model.from_hf(tiny_native(name))
-    trimmed = _batch_scores(model, task, next(batches(model, task, "patching", 64)), method, STEPS, "patching")
-    whole = _batch_scores(model, task, next(batches(model, task, "patching", 64)), method, STEPS)
+    trim = method != "eap-ig-activations"  # its interpolated forwards read the whole patch
+    trimmed = _batch_scores(model, task, next(batches(model, task, "patching", 64, trim=trim)), method, STEPS)
+    whole_batch = dataclasses.replace(next(batches(model, task, "patching", 64)), start=0)
+    whole = _batch_scores(model, task, whole_batch, method, STEPS)
     assert torch.allclose(trimmed, whole, atol=1e-6)
     assert trimmed.abs().max() > 1e-3
 
@@ -220,3 +226,20 @@ def test_the_forward_saves_no_per_destination_copies_for_backward(arch):
         model.hf(inputs_embeds=embeddings, attention_mask=mask, logits_to_keep=1)
 
     assert saved_bytes(ours) < 1.1 * saved_bytes(plain)
+
+
+def test_source_outputs_from_a_position_are_the_whole_outputs_from_there(task):
+    model = circuits.Model.from_hf(tiny_hf("llama"))
+    tokens = task.tokenize()
+    whole = circuits.engine.source_outputs(model, tokens.clean_ids, tokens.attention_mask)
+    tail = circuits.engine.source_outputs(model, tokens.clean_ids, tokens.attention_mask, start=3)
+    assert tail.shape[2] == whole.shape[2] - 3
+    assert torch.equal(tail, whole[:, :, 3:])
+
+
+def test_a_trimmed_batch_holds_the_corrupted_outputs_from_the_first_differing_position(task):
+    model = circuits.Model.from_hf(tiny_hf("llama"))
+    trimmed = next(batches(model, task, "patching", 64, trim=True))
+    whole = next(batches(model, task, "patching", 64))
+    assert trimmed.trimmed and trimmed.start == whole.start == 3
+    assert torch.equal(trimmed.patch, whole.patch[:, :, 3:])

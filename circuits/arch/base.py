@@ -71,12 +71,23 @@ class Adapter(ABC):
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
-    @abstractmethod
     def qkv(self, layer: int, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries ``[B, H, T, e]``, keys and values ``[B, G, T, e]`` from the attention inputs.
 
         ``x`` is ``[1, B, T, D]`` (shared) or ``[H + 2G, B, T, D]`` (q heads, k groups, v groups).
         """
+        return self.project_qkv(layer, self.split_qkv_inputs(self.attention_norm(layer)(x)), ctx)
+
+    @abstractmethod
+    def attention_norm(self, layer: int) -> nn.Module:
+        """The norm the attention inputs pass through before the q/k/v projections."""
+
+    @abstractmethod
+    def project_qkv(
+        self, layer: int, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: Context
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values from the normed inputs ``(q part, k part, v part)``: each ``[1, B, T, D]``
+        (the shared stream: the fused projections) or ``[H, B, T, D]``, ``[G, ...]``, ``[G, ...]`` (one per head)."""
 
     @abstractmethod
     def out_weight(self, layer: int) -> torch.Tensor:
@@ -158,6 +169,10 @@ class Adapter(ABC):
         """The summed attention output, bias included, as the HF module computes it."""
         batch, _, seq, _ = z.shape
         return self.out_projection(layer)(z.transpose(1, 2).reshape(batch, seq, -1))
+
+    def qkv_counts(self) -> tuple[int, int, int]:
+        """How many destinations read the q, k and v projections: heads, key/value groups, key/value groups."""
+        return self.n_heads, self.n_kv_heads, self.n_kv_heads
 
     def split_qkv_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-destination attention inputs -> (q part, k part, v part)."""

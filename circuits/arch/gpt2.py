@@ -28,15 +28,16 @@ class GPT2Adapter(Adapter):
     def input_modules(self) -> list[nn.Module]:
         return [self.body.wte, self.body.wpe]
 
-    def qkv(self, layer: int, x: torch.Tensor, ctx: Context):
+    def attention_norm(self, layer: int) -> nn.Module:
+        return self.blocks[layer].ln_1
+
+    def project_qkv(self, layer: int, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: Context):
         block = self.blocks[layer]
-        normed = block.ln_1(x)
         d, h = self.d_model, self.n_heads
-        if normed.shape[0] == 1:
-            q, k, v = block.attn.c_attn(normed[0]).split(d, dim=-1)
+        if parts[0].shape[0] == 1 and parts[0] is parts[1] is parts[2]:  # the shared stream: the fused projection
+            q, k, v = block.attn.c_attn(parts[0][0]).split(d, dim=-1)
             return split_heads(q, h), split_heads(k, h), split_heads(v, h)
         weight, bias = block.attn.c_attn.weight, block.attn.c_attn.bias  # [D, 3D], [3D]
-        parts = self.split_qkv_inputs(normed)
         return tuple(
             per_head_linear(
                 part,

@@ -43,14 +43,16 @@ class LlamaAdapter(Adapter):
             return getattr(cfg, "sliding_window", None)
         return None
 
-    def qkv(self, layer: int, x: torch.Tensor, ctx: Context):
-        block = self.blocks[layer]
-        attn = block.self_attn
-        normed = block.input_layernorm(x)
-        counts = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+    def attention_norm(self, layer: int) -> nn.Module:
+        return self.blocks[layer].input_layernorm
+
+    def project_qkv(self, layer: int, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: Context):
+        attn = self.blocks[layer].self_attn
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        if normed.shape[0] == 1:
-            q, k, v = (split_heads(p(normed[0]), n) for p, n in zip(projections, counts, strict=True))
+        if parts[0].shape[0] == 1:
+            q, k, v = (
+                split_heads(p(part[0]), n) for part, p, n in zip(parts, projections, self.qkv_counts(), strict=True)
+            )
         else:
             q, k, v = (
                 per_head_linear(
@@ -58,7 +60,7 @@ class LlamaAdapter(Adapter):
                     p.weight.view(n, self.head_dim, self.d_model),
                     None if p.bias is None else p.bias.view(n, self.head_dim),
                 )
-                for part, p, n in zip(self.split_qkv_inputs(normed), projections, counts, strict=True)
+                for part, p, n in zip(parts, projections, self.qkv_counts(), strict=True)
             )
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's query and key
             q, k = attn.q_norm(q), attn.k_norm(k)

@@ -38,19 +38,20 @@ class NativeAdapter(Adapter):
         seq = attention_mask.shape[1]
         return Context(attention_mask.bool()[:, None, None, :].expand(-1, 1, seq, seq), {}, None)
 
-    def qkv(self, layer: int, x: torch.Tensor, ctx: Context):
+    def attention_norm(self, layer: int) -> nn.Module:
+        return self.blocks[layer].ln1
+
+    def project_qkv(self, layer: int, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: Context):
         attn = self.blocks[layer].attn
-        normed = self.blocks[layer].ln1(x)
         weights = (attn.W_Q, attn.W_K, attn.W_V)
         biases = (attn.b_Q, attn.b_K, attn.b_V)
-        if normed.shape[0] == 1:
+        if parts[0].shape[0] == 1:
             return tuple(
-                torch.einsum("btd,hde->bhte", normed[0], w) + b[None, :, None]
-                for w, b in zip(weights, biases, strict=True)
+                torch.einsum("btd,hde->bhte", part[0], w) + b[None, :, None]
+                for part, w, b in zip(parts, weights, biases, strict=True)
             )
         return tuple(
-            per_head_linear(part, w.transpose(1, 2), b)
-            for part, w, b in zip(self.split_qkv_inputs(normed), weights, biases, strict=True)
+            per_head_linear(part, w.transpose(1, 2), b) for part, w, b in zip(parts, weights, biases, strict=True)
         )
 
     def scale(self, layer: int) -> float:

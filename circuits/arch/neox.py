@@ -34,21 +34,22 @@ class NeoXAdapter(Adapter):
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         return self.body.rotary_emb(hidden, position_ids=position_ids)
 
-    def qkv(self, layer: int, x: torch.Tensor, ctx: Context):
-        block = self.blocks[layer]
-        fused = block.attention.query_key_value
-        normed = block.input_layernorm(x)
+    def attention_norm(self, layer: int) -> nn.Module:
+        return self.blocks[layer].input_layernorm
+
+    def project_qkv(self, layer: int, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: Context):
+        fused = self.blocks[layer].attention.query_key_value
         h, e = self.n_heads, self.head_dim
-        if normed.shape[0] == 1:
-            batch, seq = normed.shape[1:3]
-            qkv = fused(normed[0]).view(batch, seq, h, 3 * e).transpose(1, 2)
+        if parts[0].shape[0] == 1 and parts[0] is parts[1] is parts[2]:  # the shared stream: the fused projection
+            batch, seq = parts[0].shape[1:3]
+            qkv = fused(parts[0][0]).view(batch, seq, h, 3 * e).transpose(1, 2)
             q, k, v = qkv.chunk(3, dim=-1)
         else:
             weight = fused.weight.view(h, 3, e, self.d_model)
             bias = None if fused.bias is None else fused.bias.view(h, 3, e)
             q, k, v = (
                 per_head_linear(part, weight[:, i], None if bias is None else bias[:, i])
-                for i, part in enumerate(self.split_qkv_inputs(normed))
+                for i, part in enumerate(parts)
             )
         cos, sin = ctx.rotary
         q, k = self._apply_rotary(q, k, cos, sin)

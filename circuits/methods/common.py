@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..batching import BatchPlan, BatchSize
-from ..engine import patching_values, source_outputs
+from ..engine import patching_values, source_outputs, unchanged_prefix
 from ..errors import CircuitsError
 from ..model import Model
 from ..resume import Checkpoint
@@ -21,6 +21,8 @@ class Batch:
     tokens: TokenizedTask  # on the model's device
     patch: torch.Tensor | None  # ablation values for the engine; None = zero
     n_total: int  # examples in the whole task: a batch's metric sum is divided by it
+    start: int = 0  # every pair shares the positions before it (patching in a causal model; else 0)
+    trimmed: bool = False  # the patch holds positions ``start`` on only (it cannot feed a patched forward)
 
 
 def batches(
@@ -30,12 +32,15 @@ def batches(
     batch_size: BatchSize | BatchPlan,
     progress: bool = False,
     start: int = 0,
+    trim: bool = False,
 ) -> Iterator[Batch]:
     """The task in batches with their ablation values; patching values are computed one batch at a time.
 
     ``batch_size``: examples per batch, ``"auto"``, or the ``circuits.batching.BatchPlan`` that lays the
     batches out (it records their sizes, so that a computation resumed at batch ``start`` replays them).
     ``start``: the index of the first batch to yield (a resumed computation skips the batches it has done).
+    ``trim``: patching values only from the first position where a pair of the batch differs (``Batch.start``):
+    before it every source's output is the clean one, so a computation that only needs the deltas skips it.
     """
     plan = BatchPlan.of(batch_size, model.device)
     tokenized = task.check(model).to(model.device)  # a prompt too long, an id outside the vocabulary: named now
@@ -52,10 +57,12 @@ def batches(
             bar = tqdm(desc="examples", initial=offset, total=n, disable=not progress, leave=False)
         tokens = tokenized[offset : offset + size]
         if ablation == "patching":
-            patch = patching_values(model, tokens.attention_mask, tokens.corrupted_ids, tokens.attention_mask)
+            shared = unchanged_prefix(model, tokens.clean_ids, tokens.corrupted_ids, tokens.attention_mask)
+            first = shared if trim else 0
+            mask = tokens.attention_mask
+            yield Batch(tokens, patching_values(model, mask, tokens.corrupted_ids, mask, first), n, shared, trim)
         else:
-            patch = mean
-        yield Batch(tokens, patch, n)
+            yield Batch(tokens, mean, n)
         bar.update(size)
     if bar is not None:
         bar.close()

@@ -15,16 +15,16 @@ where out_u is u's clean output and the points are:
 - ``clean-corrupted``: the clean run and the run on the ablated input, averaged.
 
 Each gradient point is one forward and one backward. The deltas are recorded as the sources are computed
-(of the clean run, or of each point's own run for ``eap-ig-activations``), and each layer's destination-input
-gradients are contracted with them as soon as the backward reaches that layer: the contraction is linear in
-the gradient, so contracting every point's gradient equals contracting their sum, and no gradient of more
-than one layer is held. With ``patching`` ablation in a causal model the positions every pair of a batch shares
-are left out of the deltas, the gradients and the contraction: every delta is exactly zero there.
+(of the clean run, or of each point's own run for ``eap-ig-activations``), and the destination-input
+gradients are contracted with them a few layers at a time as the backward delivers them: the contraction is
+linear in the gradient, so contracting every point's gradient equals contracting their sum, and no more
+than a few layers' gradients are held. With ``patching`` ablation in a causal model the positions every pair
+of a batch shares are left out of the deltas, the gradients and the contraction: every delta is exactly zero
+there (and the corrupted run keeps its outputs from the first differing position on only).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..choices import METRICS
-from ..engine import patched_forward, unchanged_prefix
+from ..engine import patched_forward
 from ..errors import CircuitsError
 from ..model import Model
 from ..resume import Checkpoint
@@ -98,38 +98,33 @@ def gradient_scores(
     """The scores summed over the task's batches in order; with ``checkpoint``, the running sum and the next
     batch are saved after each batch and a saved sum is resumed from (the same sums in the same order)."""
     graph = model.graph
+    spec = GRADIENT_METHODS[method]
+    trim = not any(mask_value is not None for _, mask_value in spec.points(ig_steps))  # no forward reads the patch
     scores, start = resumed_sum(checkpoint, torch.zeros(graph.n_src, graph.n_dst))
-    for index, batch in enumerate(batches(model, task, ablation, batch_size, progress, start), start):
-        scores += _batch_scores(model, task, batch, method, ig_steps, ablation)
+    for index, batch in enumerate(batches(model, task, ablation, batch_size, progress, start, trim), start):
+        scores += _batch_scores(model, task, batch, method, ig_steps)
         save_sum(checkpoint, scores, index + 1)
     return scores
 
 
-def _batch_scores(
-    model: Model, task: Task, batch: Batch, method: str, ig_steps: int, ablation: str | None = None
-) -> torch.Tensor:
-    """One batch's scores.
-
-    ``ablation="patching"`` says that ``batch.patch`` is this batch's own corrupted outputs, used up here: the
-    positions every pair shares are left out, and (unless each point's own deltas are needed while the patch
-    is read) the deltas are written over the patch as it is consumed. None: the patch may be anything and is
-    left as it is; every position counts.
-    """
+def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps: int) -> torch.Tensor:
+    """One batch's scores. The positions before ``batch.start`` (which every pair shares) are left out; a
+    trimmed patch is used up: the deltas are written over it."""
     spec = GRADIENT_METHODS[method]
     graph, tokens = model.graph, batch.tokens
     ids, mask, positions = tokens.clean_ids, tokens.attention_mask, tokens.positions
-    patching = ablation == "patching"
-    start = unchanged_prefix(model, ids, tokens.corrupted_ids, mask) if patching else 0
     points = spec.points(ig_steps)
     first_is_clean = spec.first_point_is_clean(ig_steps)
     with torch.no_grad():
         clean_input = model.adapter.embed(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
         if batch.patch is None:
             ablated_input = torch.zeros_like(clean_input)
-        else:  # a copy: the patch may be overwritten by the deltas
+        elif batch.trimmed:  # the corrupted embeddings from ``start`` on; the clean ones before
+            ablated_input = clean_input.clone()
+            ablated_input[:, batch.start :] = batch.patch[0]
+        else:
             ablated_input = batch.patch[0].expand_as(clean_input).clone()
-    reuse = patching and not any(mask_value is not None for _, mask_value in points)  # no forward reads the patch
-    contraction = _Contraction(model, batch.patch, tuple(ids.shape), start, reuse)
+    contraction = _Contraction(model, batch, tuple(ids.shape))
     clean_logits = None
     with torch.no_grad():
         needs_clean_logits = isinstance(task.metric, str) and task.metric in REFERENCE_METRICS
@@ -158,53 +153,69 @@ def _batch_scores(
             clean_logits = run.logits.detach()
         value = metric_sum(task, run.logits, batch, clean_logits) / len(points)
         torch.autograd.grad(value, embeddings, allow_unused=True)
+        contraction.flush()  # before the next point's forward records its own deltas
     return contraction.scores.cpu()
 
 
 class _Contraction:
-    """One batch's deltas ``out_u - patch_u`` from position ``start`` on, recorded as a forward computes the
-    sources, and the scores ``scores[u, v] -= delta_u . grad_v`` they give as each layer's gradients arrive.
+    """One batch's deltas ``out_u - patch_u`` from position ``batch.start`` on, recorded as a forward computes
+    the sources, and the scores ``scores[u, v] -= delta_u . grad_v`` they give as the gradients arrive.
 
-    The deltas are ``[n_src, B, T - start, D]`` in the model's dtype on its device; the scores accumulate there
-    in float32 (low-precision deltas are widened a few sources at a time). With ``reuse`` the deltas take the
-    patch's own memory (``[n_src, B, T, D]``, contiguous): sources are recorded in order, and source u's deltas
-    go where patch rows u and before were, all of which have been read by then.
+    The deltas are ``[n_src, B, T - start, D]`` in the model's dtype on its device (a trimmed patch's own
+    memory: source u's deltas replace its corrupted outputs); the scores accumulate there in float32. The
+    backward delivers one layer's gradients at a time; they are kept until they hold a ``PENDING_SHARE`` of
+    the deltas' values and then contracted together, so that the deltas are read once per few layers rather
+    than once per layer (reading them, not multiplying, is what the contraction's time goes to).
     """
 
-    def __init__(self, model: Model, patch: torch.Tensor | None, shape: tuple[int, int], start: int, reuse: bool):
-        batch, seq = shape
-        graph = model.graph
-        self.graph, self.patch, self.start = graph, patch, start
-        deltas_shape = (graph.n_src, batch, seq - start, model.adapter.d_model)
-        reuse = reuse and patch is not None and patch.shape == (*deltas_shape[:2], seq, deltas_shape[3])
-        self.reuse = reuse and patch.is_contiguous() and patch.dtype == model.dtype and patch.device == model.device
-        if self.reuse:
-            self.deltas = patch.view(-1)[: math.prod(deltas_shape)].view(deltas_shape)
+    def __init__(self, model: Model, batch: Batch, shape: tuple[int, int]):
+        n_batch, seq = shape
+        self.graph, self.start = model.graph, batch.start
+        self.trimmed, self.patch = batch.trimmed, batch.patch
+        if batch.trimmed:
+            self.deltas = batch.patch
         else:
+            deltas_shape = (self.graph.n_src, n_batch, seq - self.start, model.adapter.d_model)
             self.deltas = torch.empty(deltas_shape, dtype=model.dtype, device=model.device)
-        self.scores = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.float32, device=model.device)
+        self.scores = torch.zeros(self.graph.n_src, self.graph.n_dst, dtype=torch.float32, device=model.device)
+        self.pending: list[tuple[slice, torch.Tensor]] = []  # (destinations, gradients [n, K] in float32)
+        self.pending_columns = 0
+        self.pending_limit = max(1, int(PENDING_SHARE * self.graph.n_src))  # destinations kept before contracting
 
     def record(self, first: int, outputs: torch.Tensor) -> None:
         rows = self.deltas[first : first + len(outputs)]
         outputs = outputs[:, :, self.start :].to(rows.device)
-        if self.patch is None:
+        if self.trimmed:  # the rows hold these sources' corrupted outputs: they become the deltas
+            torch.sub(outputs, rows, out=rows)
+        elif self.patch is None:  # zero ablation
             rows.copy_(outputs)
-            return
-        patch = self.patch[first : first + len(outputs)]
-        patch = patch[:, :, self.start :] if patch.shape[2] > 1 else patch
-        if self.reuse:  # the rows may overlap the patch rows read: subtract first
-            rows.copy_(outputs - patch)
         else:
-            torch.sub(outputs, patch, out=rows)
+            patch = self.patch[first : first + len(outputs)]
+            torch.sub(outputs, patch[:, :, self.start :] if patch.shape[2] > 1 else patch, out=rows)
 
     def contract(self, destinations: slice, grad: torch.Tensor) -> None:
-        reads = int(self.graph.n_inputs[destinations.start])
-        grad = grad[:, :, self.start :].to(self.deltas.device).flatten(1).float().T
-        deltas = self.deltas[:reads].flatten(1)
-        step = reads if deltas.dtype == torch.float32 else CONTRACTION_ROWS
-        for first in range(0, reads, step):
-            rows = slice(first, min(first + step, reads))
-            self.scores[rows, destinations] -= deltas[rows].float() @ grad
+        grad = grad[:, :, self.start :].to(self.deltas.device).flatten(1).float()  # [n, K]
+        self.pending.append((destinations, grad))
+        self.pending_columns += len(grad)
+        if self.pending_columns >= self.pending_limit:
+            self.flush()
+
+    def flush(self) -> None:
+        """Contract the pending gradients with the deltas of every source any of them reads."""
+        if not self.pending:
+            return
+        reads = [int(self.graph.n_inputs[destinations.start]) for destinations, _ in self.pending]
+        gradients = torch.cat([grad for _, grad in self.pending]) if len(self.pending) > 1 else self.pending[0][1]
+        deltas = self.deltas[: max(reads)].flatten(1)
+        step = len(deltas) if deltas.dtype == torch.float32 else CONTRACTION_ROWS
+        products = torch.cat([gradients @ rows.float().T for rows in deltas.split(step)], 1)  # [destinations, reads]
+        row = 0
+        for (destinations, grad), n_reads in zip(self.pending, reads, strict=True):
+            self.scores[:n_reads, destinations] -= products[row : row + len(grad), :n_reads].T
+            row += len(grad)
+        self.pending.clear()
+        self.pending_columns = 0
 
 
+PENDING_SHARE = 0.25  # gradients kept before a contraction, as a share of the sources (in float32 values)
 CONTRACTION_ROWS = 16  # sources widened to float32 at a time when the model runs in lower precision
