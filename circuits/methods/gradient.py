@@ -163,8 +163,8 @@ class _Contraction:
 
     The deltas are ``[n_src, B, T - start, D]`` in the model's dtype on its device (a trimmed patch's own
     memory: source u's deltas replace its corrupted outputs); the scores accumulate there in float32. The
-    backward delivers one layer's gradients at a time; they are kept until they hold a ``PENDING_SHARE`` of
-    the deltas' values and then contracted together, so that the deltas are read once per few layers rather
+    backward delivers one layer's gradients at a time; they are kept until they take a ``PENDING_SHARE`` of
+    the deltas' memory and then contracted together, so that the deltas are read once per few layers rather
     than once per layer (reading them, not multiplying, is what the contraction's time goes to).
     """
 
@@ -180,7 +180,8 @@ class _Contraction:
         self.scores = torch.zeros(self.graph.n_src, self.graph.n_dst, dtype=torch.float32, device=model.device)
         self.pending: list[tuple[slice, torch.Tensor]] = []  # (destinations, gradients [n, K] in float32)
         self.pending_columns = 0
-        self.pending_limit = max(1, int(PENDING_SHARE * self.graph.n_src))  # destinations kept before contracting
+        # destinations kept before contracting: float32 gradients of at most PENDING_SHARE of the deltas' bytes
+        self.pending_limit = max(1, int(PENDING_SHARE * self.graph.n_src * self.deltas.element_size() / 4))
 
     def record(self, first: int, outputs: torch.Tensor) -> None:
         rows = self.deltas[first : first + len(outputs)]
@@ -217,5 +218,5 @@ class _Contraction:
         self.pending_columns = 0
 
 
-PENDING_SHARE = 0.25  # gradients kept before a contraction, as a share of the sources (in float32 values)
+PENDING_SHARE = 0.25  # gradients kept before a contraction, as a share of the deltas' memory
 CONTRACTION_ROWS = 16  # sources widened to float32 at a time when the model runs in lower precision
