@@ -18,13 +18,14 @@ import contextlib
 import math
 import numbers
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
 from .arch import Adapter, Context
+from .arch.norms import norm_input_gradients
 from .errors import CircuitsError
 from .graph import LayerSlots
 from .placement import move_context
@@ -57,6 +58,7 @@ def patched_forward(
     grad_hook: GradHook | None = None,
     input_embeddings: torch.Tensor | None = None,
     source_hook: SourceHook | None = None,
+    grad_from: int = 0,
 ) -> PatchedOutput:
     """Run the model with every edge ``u->v`` weighted by ``edge_mask[u, v]``.
 
@@ -76,6 +78,8 @@ def patched_forward(
         source_hook: called as ``source_hook(first, outputs)`` with each group of sources' outputs
             ``[n, B, T, D]`` (detached; ``first`` is the index of the first) as soon as they are computed,
             in forward order: a caller can keep what it needs of them instead of all of them.
+        grad_from: the grad hook receives gradients at positions ``grad_from`` onward only,
+            ``[n, B, T - grad_from, D]`` (a caller that needs no gradient before it saves their memory).
 
     With a grad hook and a mask of ones (or any constant mask) every destination of a layer reads the
     same stream: it is not copied per destination in the forward; the backward recomputes one layer's
@@ -87,6 +91,7 @@ def patched_forward(
     run = _Run.start(
         model, input_ids, attention_mask, removal, patch, keep_outputs, grad_hook, input_embeddings, source_hook
     )
+    run.grad_from = grad_from
     for slots in model.graph.layers:
         run.layer(slots)
     return PatchedOutput(run.logits(logit_positions), torch.cat(run.outputs) if keep_outputs else None)
@@ -110,6 +115,7 @@ class _Run:
         self.keep_outputs, self.grad_hook, self.source_hook = keep_outputs, grad_hook, source_hook
         self.outputs: list[torch.Tensor] = []
         self.contexts: dict[torch.device, Context] = {}  # ``ctx`` on the devices of layers placed elsewhere
+        self.grad_from = 0  # the grad hook gets gradients from this position on
 
     @classmethod
     def start(
@@ -161,8 +167,11 @@ class _Run:
         inputs = resid.unsqueeze(0) if self.deltas is None else self.deltas.read(resid, destinations, n_reads)
         n = destinations.stop - destinations.start
         if self.grad_hook is not None and inputs.requires_grad and len(inputs) == n:
-            inputs.register_hook(partial(self.grad_hook, destinations))
+            inputs.register_hook(partial(self._hook_from, destinations))
         return inputs
+
+    def _hook_from(self, destinations: slice, grad: torch.Tensor) -> None:
+        self.grad_hook(destinations, grad[:, :, self.grad_from :])
 
     def qkv(self, slots: LayerSlots, ctx: Context, there: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's queries, keys and values from its attention destinations' reads (moved by ``there``)."""
@@ -173,7 +182,9 @@ class _Run:
             return self.adapter.qkv(slots.layer, inputs, ctx)
         placement = self.model.placement
         stage = None if placement is None else placement.layers[slots.layer]
-        split = _SplitGradient(self.adapter, slots.layer, ctx, destinations, self.grad_hook, self.resid.device, stage)
+        split = _SplitGradient(
+            self.adapter, slots.layer, ctx, destinations, self.grad_hook, self.resid.device, stage, self.grad_from
+        )
         return _SharedQKV.apply(inputs, split)
 
     def layer(self, slots: LayerSlots) -> None:
@@ -238,6 +249,7 @@ class _SplitGradient:
     hook: GradHook
     home: torch.device  # where the hook gets its gradients (the input device)
     stage: object | None  # the layer's placement stage (loads offloaded weights), None when in place
+    start: int = 0  # the first position whose per-destination gradients the hook takes
 
 
 class _SharedQKV(torch.autograd.Function):
@@ -246,8 +258,8 @@ class _SharedQKV(torch.autograd.Function):
     The forward is the plain computation (no per-destination copies are made or saved). The backward gives each
     destination its own input gradient ``[n, B, T, D]`` (held for this layer only): the gradient at the normed
     input of each head's own projection (the projections run on stride-0 views of the normed stream, so no
-    input is copied), then through the norm's Jacobian at the shared stream, one batched vector-Jacobian
-    product for all n. It passes those to the grad hook and returns their sum, the stream's gradient.
+    input is copied), then through the norm's Jacobian at the shared stream for all n at once
+    (``circuits.arch.norms``). It passes those to the grad hook and returns their sum, the stream's gradient.
     """
 
     @staticmethod
@@ -260,18 +272,31 @@ class _SharedQKV(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         (inputs,) = ctx.saved_tensors
         split = ctx.split
-        adapter, layer = split.adapter, split.layer
-        with torch.enable_grad(), split.stage if split.stage is not None else contextlib.nullcontext():
-            stream = inputs.detach().requires_grad_(True)
-            normed = adapter.attention_norm(layer)(stream)
-            shared = normed.detach()
-            parts = tuple(shared.expand(n, *shared.shape[1:]).requires_grad_(True) for n in adapter.qkv_counts())
-            outputs = adapter.project_qkv(layer, parts, split.ctx)
-            normed_grads = torch.cat(torch.autograd.grad(outputs, parts, grads))
-            (grad,) = torch.autograd.grad(normed, stream, normed_grads.unsqueeze(1), is_grads_batched=True)
-        grad = grad.squeeze(1)
+        adapter, layer, start = split.adapter, split.layer, split.start
+        with split.stage if split.stage is not None else contextlib.nullcontext():
+            stream, norm = inputs.detach(), adapter.attention_norm(layer)
+            if start:  # the stream's gradient the plain way; each destination's only where the hook takes it
+                with torch.enable_grad():
+                    leaf = stream.requires_grad_(True)
+                    (stream_grad,) = torch.autograd.grad(adapter.qkv(layer, leaf, split.ctx), leaf, grads)
+                stream, grads = stream[:, :, start:].detach(), tuple(grad[:, :, start:] for grad in grads)
+            shared = norm(stream)
+            with torch.enable_grad():
+                parts = tuple(shared.expand(n, *shared.shape[1:]).requires_grad_(True) for n in adapter.qkv_counts())
+                outputs = adapter.project_qkv(layer, parts, _from_position(split.ctx, start))
+                normed_grads = torch.cat(torch.autograd.grad(outputs, parts, grads))
+            grad = norm_input_gradients(norm, stream, normed_grads)  # [n, B, T - start, D] float32
         split.hook(split.destinations, grad.to(split.home))
-        return grad.sum(0, keepdim=True), None
+        if start:
+            return stream_grad, None
+        return grad.sum(0, keepdim=True).to(inputs.dtype), None
+
+
+def _from_position(ctx: Context, start: int) -> Context:
+    """``ctx`` for the positions ``start`` onward of a per-position computation (q/k/v projections)."""
+    if not start or ctx.rotary is None:
+        return ctx
+    return replace(ctx, rotary=tuple(table[:, start:] for table in ctx.rotary))
 
 
 class PrefixCache:

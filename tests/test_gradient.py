@@ -243,3 +243,28 @@ def test_a_trimmed_batch_holds_the_corrupted_outputs_from_the_first_differing_po
     whole = next(batches(model, task, "patching", 64))
     assert trimmed.trimmed and trimmed.start == whole.start == 3
     assert torch.equal(trimmed.patch, whole.patch[:, :, 3:])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_gradients_from_a_position_are_the_tail_of_the_whole_gradients(arch):
+    model = circuits.Model.from_hf(tiny_hf(arch))
+    clean, _, mask = tiny_pair(batch=3, seq=7)
+    hooked = []
+    for start in (0, 2):
+        grads = {}
+        embeddings = model.adapter.embed(clean, torch.arange(7).expand_as(clean)).detach().requires_grad_(True)
+        logits = circuits.patched_forward(
+            model,
+            clean,
+            mask,
+            input_embeddings=embeddings,
+            grad_hook=lambda dsts, g, grads=grads: grads.__setitem__(dsts.start, g),
+            grad_from=start,
+        ).logits
+        (embedding_grad,) = torch.autograd.grad(logits[mask.bool()][:, 3].sum(), embeddings)
+        hooked.append((grads, embedding_grad))
+    (whole, whole_input), (tail, tail_input) = hooked
+    assert whole.keys() == tail.keys()
+    for first in whole:  # equal up to float32 rounding: the stream's gradient is summed in another order
+        assert torch.allclose(tail[first], whole[first][:, :, 2:], rtol=0, atol=2e-6 * float(whole[first].abs().max()))
+    assert torch.allclose(tail_input, whole_input, rtol=0, atol=2e-6 * float(whole_input.abs().max()))

@@ -148,6 +148,7 @@ def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps:
             grad_hook=contraction.contract,
             input_embeddings=embeddings,
             source_hook=contraction.record if spec.per_point or clean_run else None,
+            grad_from=batch.start,
         )
         if clean_run:  # this point is the clean run: its logits are the clean ones
             clean_logits = run.logits.detach()
@@ -195,7 +196,7 @@ class _Contraction:
             torch.sub(outputs, patch[:, :, self.start :] if patch.shape[2] > 1 else patch, out=rows)
 
     def contract(self, destinations: slice, grad: torch.Tensor) -> None:
-        grad = grad[:, :, self.start :].to(self.deltas.device).flatten(1).float()  # [n, K]
+        grad = grad.to(self.deltas.device).flatten(1).float()  # [n, K]: the engine gives positions start on
         self.pending.append((destinations, grad))
         self.pending_columns += len(grad)
         if self.pending_columns >= self.pending_limit:
