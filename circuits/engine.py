@@ -167,11 +167,9 @@ class _Run:
         inputs = resid.unsqueeze(0) if self.deltas is None else self.deltas.read(resid, destinations, n_reads)
         n = destinations.stop - destinations.start
         if self.grad_hook is not None and inputs.requires_grad and len(inputs) == n:
-            inputs.register_hook(partial(self._hook_from, destinations))
+            # a function of its own, not a method: a hook holding the run would keep the graph in a cycle
+            inputs.register_hook(partial(_hook_from, self.grad_hook, self.grad_from, destinations))
         return inputs
-
-    def _hook_from(self, destinations: slice, grad: torch.Tensor) -> None:
-        self.grad_hook(destinations, grad[:, :, self.grad_from :])
 
     def qkv(self, slots: LayerSlots, ctx: Context, there: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's queries, keys and values from its attention destinations' reads (moved by ``there``)."""
@@ -232,6 +230,10 @@ class _Run:
         if self.model.placement is not None:  # the final norm and the head may sit elsewhere: logits come back
             return self.model.placement.unembed(self.adapter, final)
         return self.adapter.unembed(final)
+
+
+def _hook_from(hook: GradHook, start: int, destinations: slice, grad: torch.Tensor) -> None:
+    hook(destinations, grad[:, :, start:])
 
 
 def _same(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ minus the metric's gradient at that destination's input. Scores are then contrac
 from __future__ import annotations
 
 import dataclasses
+import gc
 from contextlib import ExitStack
 
 import pytest
@@ -268,3 +269,17 @@ def test_gradients_from_a_position_are_the_tail_of_the_whole_gradients(arch):
     for first in whole:  # equal up to float32 rounding: the stream's gradient is summed in another order
         assert torch.allclose(tail[first], whole[first][:, :, 2:], rtol=0, atol=2e-6 * float(whole[first].abs().max()))
     assert torch.allclose(tail_input, whole_input, rtol=0, atol=2e-6 * float(whole_input.abs().max()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_attribution_leaves_no_graph_for_the_garbage_collector(method, task):
+    """A batch's graph, deltas and runs are freed when it ends, not when a cycle collection finds them."""
+    model = circuits.Model.from_hf(tiny_hf("llama"))
+    gc.collect()
+    gc.disable()
+    try:
+        circuits.attribute(model, task, method, batch_size=4, ig_steps=STEPS, progress=False)
+        alive = [item for item in gc.get_objects() if type(item) is circuits.engine._Run]
+    finally:
+        gc.enable()
+    assert not alive
