@@ -84,6 +84,19 @@ def tiny_pair(batch: int = 4, seq: int = 9, seed: int = 1, lengths: list[int] | 
     return clean, corrupted, mask
 
 
+def tiny_task(batch: int = 6, seed: int = 1, metric: str = "logit_diff", name: str = "tiny", seq: int = 8):
+    """A ``Task`` of token ids from ``tiny_pair``: answer the clean prompt's first token, against another."""
+    from .task import Task
+
+    clean, corrupted, mask = tiny_pair(batch=batch, seq=seq, seed=seed)
+    lengths = mask.sum(1).tolist()
+    clean_ids = [row[:n].tolist() for row, n in zip(clean, lengths, strict=True)]
+    corrupted_ids = [row[:n].tolist() for row, n in zip(corrupted, lengths, strict=True)]
+    answers = [int(row[0]) for row in clean]
+    wrong = [(answer + 7) % 60 + 1 for answer in answers]
+    return Task.from_token_ids(name, clean_ids, corrupted_ids, answers, wrong, metric=metric)
+
+
 # --- native models (circuits.native), for the same invariants --------------------------------------
 
 NATIVE_CONFIGS = {

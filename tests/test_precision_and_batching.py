@@ -17,7 +17,7 @@ from circuits.evaluate import masked_metrics
 from circuits.methods import METHODS
 from circuits.methods.common import ablation_mean
 from circuits.resume import read_checkpoint
-from circuits.testing import tiny_hf, tiny_pair
+from circuits.testing import tiny_hf, tiny_task
 
 acdc_module = importlib.import_module("circuits.methods.acdc")
 exact_module = importlib.import_module("circuits.methods.exact")
@@ -33,13 +33,7 @@ PEARSON = {torch.bfloat16: 0.99, torch.float16: 0.999}  # seen: >= 0.995 (bf16),
 
 
 def make_task(n=N, seed=1, metric="logit_diff"):
-    clean, corrupted, mask = tiny_pair(batch=n, seq=8, seed=seed)
-    lengths = mask.sum(1).tolist()
-    clean_ids = [row[:k].tolist() for row, k in zip(clean, lengths, strict=True)]
-    corrupted_ids = [row[:k].tolist() for row, k in zip(corrupted, lengths, strict=True)]
-    answers = [int(row[0]) for row in clean]
-    wrong = [(a + 7) % 60 + 1 for a in answers]
-    return circuits.Task.from_token_ids("tiny", clean_ids, corrupted_ids, answers, wrong, metric=metric)
+    return tiny_task(n, seed, metric)
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,14 @@ from circuits import resume
 from circuits.cli import main
 from circuits.methods import gradient
 from circuits.resume import Checkpoint, read_checkpoint
-from circuits.testing import tiny_hf, tiny_pair
+from circuits.testing import tiny_hf, tiny_task
 
 acdc_module = importlib.import_module("circuits.methods.acdc")  # the package exports the function under this name
 exact_module = importlib.import_module("circuits.methods.exact")
 
 
 def make_task(seed=1, batch=6, metric="logit_diff", name="tiny"):
-    clean, corrupted, mask = tiny_pair(batch=batch, seq=8, seed=seed)
-    lengths = mask.sum(1).tolist()
-    clean_ids = [row[:n].tolist() for row, n in zip(clean, lengths, strict=True)]
-    corrupted_ids = [row[:n].tolist() for row, n in zip(corrupted, lengths, strict=True)]
-    answers = [int(row[0]) for row in clean]
-    wrong = [(a + 7) % 60 + 1 for a in answers]
-    return circuits.Task.from_token_ids(name, clean_ids, corrupted_ids, answers, wrong, metric=metric)
+    return tiny_task(batch, seed, metric, name)
 
 
 @pytest.fixture(scope="module")
