@@ -181,17 +181,23 @@ def random_task(model: circuits.Model, batch: int, length: int, changed: int, se
 
 
 def plain_floor(model: circuits.Model, batch, backward_passes: int) -> None:
-    """benchmarks/attribution.py's floor, with the prediction position's logits only (every prompt here ends at
-    its prediction position, so HF's ``logits_to_keep=1`` keeps exactly those) and no key/value cache."""
-    hf = model.hf
-    plain = dict(attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
+    """benchmarks/attribution.py's floor, with the prediction position's logits only: the HF model's body, then its
+    head on the last position's hidden state (every prompt here ends at its prediction position), no key/value
+    cache. (HF's own ``logits_to_keep=1`` hands the head a strided ``[B, 1, D]`` slice; in bfloat16 on the CPU
+    torch then multiplies it by a copy of the head's weight per example, 8 GB for Llama-3.1-8B at B = 8: a cost
+    of that path, not of the model.)"""
+    body, head = model.hf.get_decoder(), model.hf.get_output_embeddings()
+
+    def logits(**inputs) -> torch.Tensor:
+        hidden = body(attention_mask=batch.attention_mask, use_cache=False, **inputs).last_hidden_state
+        return head(hidden[:, -1].contiguous())
+
     with torch.no_grad():
-        hf(batch.clean_ids, **plain)
-        hf(batch.corrupted_ids, **plain)
+        logits(input_ids=batch.clean_ids)
+        logits(input_ids=batch.corrupted_ids)
     for _ in range(backward_passes):
-        embeddings = hf.get_input_embeddings()(batch.clean_ids).detach().requires_grad_(True)
-        logits = hf(inputs_embeds=embeddings, **plain).logits[:, -1]
-        torch.autograd.grad(metric_values("logit_diff", logits, batch).sum(), embeddings)
+        embeddings = model.hf.get_input_embeddings()(batch.clean_ids).detach().requires_grad_(True)
+        torch.autograd.grad(metric_values("logit_diff", logits(inputs_embeds=embeddings), batch).sum(), embeddings)
 
 
 def cases(model: circuits.Model, method: str, batch: int, length: int, changed: int, ig_steps: int) -> dict:
@@ -557,7 +563,8 @@ def readme(rows: list[dict]) -> str:
         "  positions out of its deltas and gradients: few changed tokens is its best case, `changed` = T the worst.",
         "- **seconds**: `circuits.attribute` on the batch (with its corrupted run); **floor**: the plain HF model on",
         "  the same batch in the same process: 2 no-grad forwards + 1 forward/backward (EAP) or ig_steps of them",
-        "  (EAP-IG), gradients to the input embeddings only, the prediction position's logits only. The ratio",
+        "  (EAP-IG), gradients to the input embeddings only, the prediction position's logits only (the model's",
+        "  body, then its head on the last hidden state). The ratio",
         "  ours / floor is the figure to compare across machines; the seconds depend on the machine and its load",
         "  (**load**: the 1-minute load average after the row; above the number of cores, other work shared them).",
         "- **peak**: the most memory the call held above what was held before it (the weights: **weights**), CPU:",
