@@ -434,6 +434,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     from circuits.plot import save_figure
 
@@ -483,8 +484,12 @@ def plot(rows: list[dict], path: Path) -> None:
                         label=f"{name}, {method}",
                     )
         by_size.set_xscale("log")
+        by_size.xaxis.set_major_locator(FixedLocator([1e8, 3e8, 1e9, 3e9, 1e10]))
+        by_size.xaxis.set_major_formatter(FuncFormatter(lambda value, _: size(value)))
+        by_size.xaxis.set_minor_formatter(NullFormatter())  # unlabelled minor ticks: labels there overlap
         by_size.set_xlabel("parameters")
         by_length.set_xscale("log", base=2)
+        by_length.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         by_length.set_xlabel("prompt length T")
         for ax in (by_size, by_length):
             ax.axhline(1.0, color="grey", linewidth=0.8)
