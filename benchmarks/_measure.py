@@ -12,35 +12,23 @@ import time
 
 import torch
 
+from circuits.batching import PeakMemory
+
 # glibc maps every allocation of 64 KiB or more on its own and unmaps it when freed, so that the resident set
 # follows live memory: the environment of a process whose CPU peaks are measured
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field))
-
-
 def peak_memory(fn, device: torch.device) -> int:
-    """Bytes of memory one call of ``fn`` needs above what is already held.
-
-    CUDA: the allocator's peak. CPU (Linux): the peak resident set (VmHWM), reset
-    through /proc/self/clear_refs before the call, minus the resident set before it.
-    """
+    """Bytes of memory one call of ``fn`` needs above what is already held (``circuits.batching.PeakMemory``:
+    CUDA, the allocator's peak; CPU on Linux, the peak resident set above the resident set before the call)."""
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current resident set
-    start = _rss_kib("VmRSS:")
+    meter = PeakMemory(device)
     fn()
-    return (_rss_kib("VmHWM:") - start) * 1024
+    peak = meter.bytes()
+    if peak is None:
+        raise RuntimeError(f"no peak memory can be measured on {device} here")
+    return peak
 
 
 def timed_call(fn, device: torch.device) -> float:
