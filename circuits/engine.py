@@ -82,8 +82,8 @@ def patched_forward(
             ``[n, B, T - grad_from, D]`` (a caller that needs no gradient before it saves their memory).
 
     With a grad hook and a mask of ones (or any constant mask) every destination of a layer reads the
-    same stream: it is not copied per destination in the forward; the backward recomputes one layer's
-    q/k/v from per-destination views of its stream to give each destination its own gradient.
+    same stream: it is not copied per destination; each head's q/k/v projection reads its own stride-0 view
+    of the normed stream, so that the backward can give each destination its own gradient.
     """
     removal = None if edge_mask is None else check_edge_mask(model, edge_mask)
     if removal is not None and not removal.requires_grad and not removal.any():
@@ -257,48 +257,54 @@ class _SplitGradient:
 class _SharedQKV(torch.autograd.Function):
     """q, k, v of one layer from the stream ``[1, B, T, D]`` all its attention destinations read.
 
-    The forward is the plain computation (no per-destination copies are made or saved). The backward gives each
-    destination its own input gradient ``[n, B, T, D]`` (held for this layer only): the gradient at the normed
-    input of each head's own projection (the projections run on stride-0 views of the normed stream, so no
-    input is copied), then through the norm's Jacobian at the shared stream for all n at once
-    (``circuits.arch.norms``). It passes those to the grad hook and returns their sum, the stream's gradient.
+    The forward projects each head from a stride-0 view of the normed stream (as many flops as the fused
+    projections, and no input is copied) and keeps that graph, from position ``start`` on; before it, the plain
+    computation. The backward gives each destination its own input gradient ``[n, B, T - start, D]`` (held for
+    this layer only): the gradient at its head's view, then through the norm's Jacobian at the shared stream
+    for all n at once (``circuits.arch.norms``). It passes those to the grad hook and returns their sum (with
+    the plain gradient before ``start``), the stream's gradient.
     """
 
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, split: _SplitGradient):
+        adapter, layer, start = split.adapter, split.layer, split.start
+        stream = inputs.detach()
         ctx.save_for_backward(inputs)
         ctx.split = split
-        return split.adapter.qkv(split.layer, inputs, split.ctx)
+        with torch.enable_grad():
+            with torch.no_grad():
+                shared = adapter.attention_norm(layer)(stream[:, :, start:])
+            ctx.leaves = tuple(shared.expand(n, *shared.shape[1:]).requires_grad_(True) for n in adapter.qkv_counts())
+            ctx.outputs = adapter.project_qkv(layer, ctx.leaves, _positions(split.ctx, start))
+            if start:  # positions before start: the plain computation, their stream a leaf of its own
+                prefix = stream[:, :, :start].requires_grad_(True)
+                before = adapter.qkv(layer, prefix, _positions(split.ctx, 0, start))
+                ctx.outputs = tuple(torch.cat(pair, 2) for pair in zip(before, ctx.outputs, strict=True))
+                ctx.leaves = (prefix, *ctx.leaves)
+        return tuple(output.detach() for output in ctx.outputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         (inputs,) = ctx.saved_tensors
-        split = ctx.split
-        adapter, layer, start = split.adapter, split.layer, split.start
+        split, start = ctx.split, ctx.split.start
         with split.stage if split.stage is not None else contextlib.nullcontext():
-            stream, norm = inputs.detach(), adapter.attention_norm(layer)
-            if start:  # the stream's gradient the plain way; each destination's only where the hook takes it
-                with torch.enable_grad():
-                    leaf = stream.requires_grad_(True)
-                    (stream_grad,) = torch.autograd.grad(adapter.qkv(layer, leaf, split.ctx), leaf, grads)
-                stream, grads = stream[:, :, start:].detach(), tuple(grad[:, :, start:] for grad in grads)
-            shared = norm(stream)
-            with torch.enable_grad():
-                parts = tuple(shared.expand(n, *shared.shape[1:]).requires_grad_(True) for n in adapter.qkv_counts())
-                outputs = adapter.project_qkv(layer, parts, _from_position(split.ctx, start))
-                normed_grads = torch.cat(torch.autograd.grad(outputs, parts, grads))
-            grad = norm_input_gradients(norm, stream, normed_grads)  # [n, B, T - start, D] float32
+            leaf_grads = torch.autograd.grad(ctx.outputs, ctx.leaves, grads)
+            ctx.outputs = ctx.leaves = None
+            normed_grads = leaf_grads[1:] if start else leaf_grads  # each head's, at its view of the normed stream
+            norm = split.adapter.attention_norm(split.layer)
+            grad = norm_input_gradients(norm, inputs.detach()[:, :, start:], normed_grads)  # float32
         split.hook(split.destinations, grad.to(split.home))
+        stream_grad = grad.sum(0, keepdim=True).to(inputs.dtype)
         if start:
-            return stream_grad, None
-        return grad.sum(0, keepdim=True).to(inputs.dtype), None
+            stream_grad = torch.cat([leaf_grads[0], stream_grad], 2)
+        return stream_grad, None
 
 
-def _from_position(ctx: Context, start: int) -> Context:
-    """``ctx`` for the positions ``start`` onward of a per-position computation (q/k/v projections)."""
-    if not start or ctx.rotary is None:
+def _positions(ctx: Context, start: int, stop: int | None = None) -> Context:
+    """``ctx`` for the positions ``start`` to ``stop`` of a per-position computation (q/k/v projections)."""
+    if (not start and stop is None) or ctx.rotary is None:
         return ctx
-    return replace(ctx, rotary=tuple(table[:, start:] for table in ctx.rotary))
+    return replace(ctx, rotary=tuple(table[:, start:stop] for table in ctx.rotary))
 
 
 class PrefixCache:

@@ -74,7 +74,12 @@ class TokenizedTask:
             yield self[start : start + batch_size]
 
     def __getitem__(self, rows: slice) -> TokenizedTask:
-        length = int(self.attention_mask[rows].sum(1).max())
+        """The examples ``rows``, their padding cut to the longest of them."""
+        return self.rows(rows, int(self.attention_mask[rows].sum(1).max()))
+
+    def rows(self, rows: slice, length: int | None = None) -> TokenizedTask:
+        """The examples ``rows`` with ``length`` positions (default: all, the width of the other examples)."""
+        length = self.clean_ids.shape[1] if length is None else length
         per_position = self.output_mask is not None
         return TokenizedTask(
             self.clean_ids[rows, :length],

@@ -19,7 +19,7 @@ from oracle import Oracle
 import circuits
 from circuits.engine import unchanged_prefix
 from circuits.methods.common import batches
-from circuits.methods.gradient import _batch_scores
+from circuits.methods.gradient import _batch_scores, stacked_runs
 from circuits.task import metric_values
 from circuits.testing import ARCHITECTURES, tiny_hf, tiny_native, tiny_pair
 
@@ -33,7 +33,7 @@ METHODS = list(ORACLE_POINTS)
 STEPS = 3
 
 
-def prefix_task(prefix=3, batch=6, seq=9, seed=1):
+def prefix_task(prefix=3, batch=6, seq=9, seed=1, metric="logit_diff"):
     """Pairs that agree on their first ``prefix`` tokens (so that the gradient path can trim them)."""
     clean, corrupted, mask = tiny_pair(batch=batch, seq=seq, seed=seed)
     lengths = mask.sum(1).tolist()
@@ -44,7 +44,7 @@ def prefix_task(prefix=3, batch=6, seq=9, seed=1):
     corrupted_ids[0][prefix] = (clean_ids[0][prefix] + 1) % 60  # the first pair differs exactly at ``prefix``
     answers = [int(row[0]) for row in clean]
     wrong = [(a + 7) % 60 + 1 for a in answers]
-    return circuits.Task.from_token_ids("prefix", clean_ids, corrupted_ids, answers, wrong, metric="logit_diff")
+    return circuits.Task.from_token_ids("prefix", clean_ids, corrupted_ids, answers, wrong, metric=metric)
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +283,46 @@ def test_attribution_leaves_no_graph_for_the_garbage_collector(method, task):
     finally:
         gc.enable()
     assert not alive
+
+
+@pytest.mark.parametrize(
+    ("n_examples", "n_points", "first"), [(6, 3, None), (7, 2, 0), (2, 5, None), (1, 2, 0), (5, 5, 4)]
+)
+def test_stacked_runs_take_every_example_at_every_point_once_within_the_batch(n_examples, n_points, first):
+    runs = stacked_runs(n_examples, n_points, first)
+    taken = [(e, k) for examples, points in runs for e in range(examples.start, examples.stop) for k in points]
+    assert sorted(taken) == [(e, k) for e in range(n_examples) for k in range(n_points)]
+    assert all((examples.stop - examples.start) * len(points) <= n_examples for examples, points in runs)
+    if first is not None:  # the point that records an example's deltas comes in its first run
+        for e in range(n_examples):
+            assert next(points for examples, points in runs if examples.start <= e < examples.stop)[0] == first
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "kl"])
+@pytest.mark.parametrize("method", ["eap-ig-inputs", "clean-corrupted"])
+def test_scores_do_not_depend_on_how_the_points_are_stacked(method, metric):
+    """Batch 1 runs one example per run (its points in groups), 2 and 6 several examples at all points."""
+    model = circuits.Model.from_hf(tiny_hf("llama"))
+    task = prefix_task(metric=metric)
+    scores = [
+        circuits.attribute(model, task, method, batch_size=size, ig_steps=STEPS, progress=False).tensor
+        for size in (6, 2, 1)
+    ]
+    for other in scores[1:]:
+        assert_equal_scores(other, scores[0], tolerance=1e-6)
+    assert scores[0].nan_to_num().abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+@pytest.mark.parametrize("method", METHODS)
+def test_no_forward_takes_more_rows_than_the_batch(method, batch_size, task, monkeypatch):
+    model = circuits.Model.from_hf(tiny_hf("llama"))
+    rows = []
+
+    def counted(model, input_ids, *args, **kwargs):
+        rows.append(len(input_ids))
+        return circuits.engine.patched_forward(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(circuits.methods.gradient, "patched_forward", counted)
+    circuits.attribute(model, task, method, batch_size=batch_size, ig_steps=STEPS, progress=False)
+    assert rows and max(rows) <= batch_size

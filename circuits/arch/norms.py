@@ -11,21 +11,39 @@ after it has reproduced autograd's on a random input, so a norm that merely look
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 _VERIFIED: dict[tuple[type, str], bool] = {}  # (norm class, formula) -> reproduces autograd
 
 
-def norm_input_gradients(norm: nn.Module, stream: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
+def norm_input_gradients(
+    norm: nn.Module, stream: torch.Tensor, output_grads: torch.Tensor | Sequence[torch.Tensor]
+) -> torch.Tensor:
     """``[n, B, T, D]`` float32: the gradient at the norm's input ``stream`` (``[1, B, T, D]``) for each of the
-    n gradients at its output ``output_grads``."""
+    n gradients at its output ``output_grads`` (one ``[n, B, T, D]`` tensor, or blocks of them along n, which
+    are written into the result as they are read rather than concatenated first)."""
+    blocks = (output_grads,) if isinstance(output_grads, torch.Tensor) else tuple(output_grads)
     if isinstance(norm, nn.Identity):
-        return output_grads.float()
+        return _stacked(blocks)
     formula = _formula(norm, stream.shape[-1])
     if formula is not None and _reproduces_autograd(norm, formula, stream):
-        return _written_out(norm, formula, stream, output_grads)
-    return _by_autograd(norm, stream, output_grads)
+        return _written_out(norm, formula, stream, blocks)
+    return _by_autograd(norm, stream, torch.cat(blocks))
+
+
+def _stacked(blocks: Sequence[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The blocks stacked along their first dimension in one new float32 tensor, each times ``weight``."""
+    first = blocks[0]
+    out = torch.empty((sum(len(block) for block in blocks), *first.shape[1:]), dtype=torch.float32, device=first.device)
+    row = 0
+    for block in blocks:
+        rows = out[row : row + len(block)]
+        torch.mul(block, weight, out=rows) if weight is not None else rows.copy_(block)
+        row += len(block)
+    return out
 
 
 def _formula(norm: nn.Module, width: int) -> str | None:
@@ -48,7 +66,9 @@ def _epsilon(norm: nn.Module) -> float | None:
     return None
 
 
-def _written_out(norm: nn.Module, formula: str, stream: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
+def _written_out(
+    norm: nn.Module, formula: str, stream: torch.Tensor, output_grads: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """With x^ = (x - c mean x) r, r = 1 / sqrt(mean((x - c mean x)^2) + eps) and h = w g (c = 1 for LayerNorm,
     0 for RMSNorm): dx = r (h - c mean h - x^ mean(h x^))."""
     x = stream.float()
@@ -56,7 +76,7 @@ def _written_out(norm: nn.Module, formula: str, stream: torch.Tensor, output_gra
         x = x - x.mean(-1, keepdim=True)
     rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _epsilon(norm))
     normalized = x * rstd  # [1, B, T, D]
-    grads = output_grads.float() * norm.weight.float()  # [n, B, T, D], a new tensor: updated in place below
+    grads = _stacked(output_grads, norm.weight.detach().float())  # [n, B, T, D], a new tensor: updated in place below
     if formula == "layer":
         grads -= grads.mean(-1, keepdim=True)
     projection = torch.einsum("nbtd,btd->nbt", grads, normalized[0]).unsqueeze(-1) / x.shape[-1]
@@ -81,7 +101,7 @@ def _reproduces_autograd(norm: nn.Module, formula: str, stream: torch.Tensor) ->
         probe = (torch.randn(shape, generator=generator) * 3 + 1).to(stream.device, stream.dtype)
         grads = torch.randn((2, *shape[1:]), generator=generator).to(stream.device, stream.dtype)
         expected = _by_autograd(norm, probe, grads)
-        got = _written_out(norm, formula, probe, grads)
+        got = _written_out(norm, formula, probe, (grads,))
         tolerance = 1e-4 if stream.dtype == torch.float32 else 5e-2
         _VERIFIED[key] = bool(torch.allclose(got, expected, rtol=0, atol=tolerance * float(expected.abs().max())))
     return _VERIFIED[key]

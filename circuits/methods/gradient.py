@@ -14,7 +14,11 @@ where out_u is u's clean output and the points are:
   input shrinks to zero), so prefer patching or mean ablation for this method;
 - ``clean-corrupted``: the clean run and the run on the ablated input, averaged.
 
-Each gradient point is one forward and one backward. The deltas are recorded as the sources are computed
+Each gradient point is one forward and one backward. A method whose points all use the clean deltas
+(``eap-ig-inputs``, ``clean-corrupted``) runs a few examples at all its points in one forward/backward of
+no more rows than the batch, and sums each example's gradients over its points before contracting them: the
+contraction, as costly as a third of a forward/backward on a small model, is done once per example rather
+than once per point. The deltas are recorded as the sources are computed
 (of the clean run, or of each point's own run for ``eap-ig-activations``), and the destination-input
 gradients are contracted with them a few layers at a time as the backward delivers them: the contraction is
 linear in the gradient, so contracting every point's gradient equals contracting their sum, and no more
@@ -26,7 +30,7 @@ there (and the corrupted run keeps its outputs from the first differing position
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,6 +44,7 @@ from ..task import REFERENCE_METRICS, Task
 from .common import Batch, batches, metric_sum, resumed_sum, save_sum
 
 Point = tuple[float, float | None]  # (input interpolation a, every edge's mask value; None: the plain mask of ones)
+CLEAN: Point = (1.0, None)  # the clean run
 
 
 @dataclass(frozen=True)
@@ -50,24 +55,20 @@ class GradientMethod:
     per_point: bool = False  # contract each point's gradients with that point's own deltas (else the clean ones)
     uses_steps: bool = False  # the number of steps changes the points
 
-    def first_point_is_clean(self, steps: int) -> bool:
-        """Is the first gradient point the clean run itself (so no separate clean forward is needed)?"""
-        return self.points(steps)[0] == (1.0, None)
-
 
 GRADIENT_METHODS: dict[str, GradientMethod] = {
-    "eap": GradientMethod(lambda steps: [(1.0, None)]),
+    "eap": GradientMethod(lambda steps: [CLEAN]),
     "eap-ig-inputs": GradientMethod(lambda steps: [(k / steps, None) for k in range(steps)], uses_steps=True),
     "eap-ig-activations": GradientMethod(
         lambda steps: [(1.0, (k + 0.5) / steps) for k in range(steps)], per_point=True, uses_steps=True
     ),
-    "clean-corrupted": GradientMethod(lambda steps: [(1.0, None), (0.0, None)]),
+    "clean-corrupted": GradientMethod(lambda steps: [CLEAN, (0.0, None)]),
 }
 
 
 def clean_point_only(method: str, steps: int) -> bool:
     """Does ``method`` take its gradients at the clean run only (as ``eap`` does)?"""
-    return method in GRADIENT_METHODS and GRADIENT_METHODS[method].points(steps) == [(1.0, None)]
+    return method in GRADIENT_METHODS and GRADIENT_METHODS[method].points(steps) == [CLEAN]
 
 
 def check_gradient_metric(method: str, metric: Any, steps: int) -> None:
@@ -109,12 +110,16 @@ def gradient_scores(
 
 def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps: int) -> torch.Tensor:
     """One batch's scores. The positions before ``batch.start`` (which every pair shares) are left out; a
-    trimmed patch is used up: the deltas are written over it."""
+    trimmed patch is used up: the deltas are written over it.
+
+    A method whose points all contract with the clean deltas runs its points stacked: each forward/backward
+    takes a few examples at every point (no more rows than the batch), and each example's gradients are summed
+    over its points before one contraction, so the deltas are contracted once per example instead of once per
+    point. A method with per-point deltas runs one point over the whole batch at a time.
+    """
     spec = GRADIENT_METHODS[method]
-    graph, tokens = model.graph, batch.tokens
-    ids, mask, positions = tokens.clean_ids, tokens.attention_mask, tokens.positions
-    points = spec.points(ig_steps)
-    first_is_clean = spec.first_point_is_clean(ig_steps)
+    tokens, points = batch.tokens, spec.points(ig_steps)
+    ids = tokens.clean_ids
     with torch.no_grad():
         clean_input = model.adapter.embed(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
         if batch.patch is None:
@@ -125,37 +130,65 @@ def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps:
         else:
             ablated_input = batch.patch[0].expand_as(clean_input).clone()
     contraction = _Contraction(model, batch, tuple(ids.shape))
+    clean = points.index(CLEAN) if CLEAN in points else None  # a point whose run records the clean deltas
+    needs_clean_logits = isinstance(task.metric, str) and task.metric in REFERENCE_METRICS
     clean_logits = None
-    with torch.no_grad():
-        needs_clean_logits = isinstance(task.metric, str) and task.metric in REFERENCE_METRICS
-        if not first_is_clean and (needs_clean_logits or not spec.per_point):  # the clean logits or deltas
+    if clean is None and (needs_clean_logits or not spec.per_point):  # the clean logits, or deltas, first
+        with torch.no_grad():
             record = None if spec.per_point else contraction.record
-            clean_logits = patched_forward(model, ids, mask, logit_positions=positions, source_hook=record).logits
+            clean_logits = patched_forward(
+                model, ids, tokens.attention_mask, logit_positions=tokens.positions, source_hook=record
+            ).logits
 
-    for index, (alpha, mask_value) in enumerate(points):
+    runs = [(slice(0, len(ids)), [k]) for k in range(len(points))] if spec.per_point else None
+    for examples, indices in runs or stacked_runs(len(ids), len(points), clean):
+        run_points = [points[k] for k in indices]
+        repeat, mask_value = len(run_points), run_points[0][1]  # a masked method runs one point at a time
         edge_mask = None
         if mask_value is not None:
-            edge_mask = torch.full((graph.n_src, graph.n_dst), mask_value, dtype=model.dtype, device=model.device)
-        embeddings = (ablated_input + alpha * (clean_input - ablated_input)).detach().requires_grad_(True)
-        clean_run = first_is_clean and index == 0
+            edge_mask = torch.full(
+                (model.graph.n_src, model.graph.n_dst), mask_value, dtype=model.dtype, device=model.device
+            )
+        clean_part, ablated_part = clean_input[examples], ablated_input[examples]
+        embeddings = torch.cat([ablated_part + alpha * (clean_part - ablated_part) for alpha, _ in run_points])
+        embeddings = embeddings.detach().requires_grad_(True)
+        recorded = 0 if spec.per_point else indices.index(clean) if clean in indices else None
+        contraction.begin(examples, repeat, recorded)
         run = patched_forward(
             model,
-            ids,
-            mask,
+            ids[examples].repeat(repeat, 1),
+            tokens.attention_mask[examples].repeat(repeat, 1),
             edge_mask,
             None if edge_mask is None else batch.patch,
-            logit_positions=positions,
+            logit_positions=None if tokens.positions is None else tokens.positions[examples].repeat(repeat),
             grad_hook=contraction.contract,
             input_embeddings=embeddings,
-            source_hook=contraction.record if spec.per_point or clean_run else None,
+            source_hook=None if recorded is None else contraction.record,
             grad_from=batch.start,
         )
-        if clean_run:  # this point is the clean run: its logits are the clean ones
-            clean_logits = run.logits.detach()
-        value = metric_sum(task, run.logits, batch, clean_logits) / len(points)
-        torch.autograd.grad(value, embeddings, allow_unused=True)
-        contraction.flush()  # before the next point's forward records its own deltas
+        logits = run.logits.unflatten(0, (repeat, -1))  # [points of this run, examples, ...]
+        if clean in indices:  # the examples' clean logits, for this run's metric and their later runs'
+            if clean_logits is None:
+                clean_logits = torch.empty((len(ids), *logits.shape[2:]), dtype=logits.dtype, device=logits.device)
+            clean_logits[examples] = logits[indices.index(clean)].detach()
+        run_clean_logits = None if clean_logits is None else clean_logits[examples]
+        run_batch = replace(batch, tokens=tokens.rows(examples))
+        value = sum(metric_sum(task, point_logits, run_batch, run_clean_logits) for point_logits in logits)
+        torch.autograd.grad(value / len(points), embeddings, allow_unused=True)
+        contraction.flush()  # before the next run records its own deltas
     return contraction.scores.cpu()
+
+
+def stacked_runs(n_examples: int, n_points: int, first: int | None = None) -> list[tuple[slice, list[int]]]:
+    """(examples, point indices) per run: every example at every point, no run with more rows (examples times
+    points) than ``n_examples``, the examples split evenly, and point ``first`` in an example's first run."""
+    order = sorted(range(n_points), key=lambda k: k != first)
+    if n_examples < n_points:  # one example at a time, its points in groups
+        groups = [order[k : k + n_examples] for k in range(0, n_points, n_examples)]
+        return [(slice(e, e + 1), group) for e in range(n_examples) for group in groups]
+    per_run = n_examples // n_points
+    parts = torch.arange(n_examples).tensor_split(-(-n_examples // per_run))
+    return [(slice(int(part[0]), int(part[-1]) + 1), order) for part in parts]
 
 
 class _Contraction:
@@ -183,20 +216,31 @@ class _Contraction:
         self.pending_columns = 0
         # destinations kept before contracting: float32 gradients of at most PENDING_SHARE of the deltas' bytes
         self.pending_limit = max(1, int(PENDING_SHARE * self.graph.n_src * self.deltas.element_size() / 4))
+        self.begin(slice(0, n_batch), 1, 0)
+
+    def begin(self, examples: slice, repeat: int, recorded: int | None) -> None:
+        """The next run stacks ``repeat`` copies of ``examples``; its copy number ``recorded`` (if any) records
+        their deltas; each example's gradients are summed over the copies before they are contracted."""
+        self.examples, self.repeat, self.recorded = examples, repeat, recorded
 
     def record(self, first: int, outputs: torch.Tensor) -> None:
-        rows = self.deltas[first : first + len(outputs)]
-        outputs = outputs[:, :, self.start :].to(rows.device)
+        rows = self.deltas[first : first + len(outputs), self.examples]
+        outputs = outputs.unflatten(1, (self.repeat, -1))[:, self.recorded, :, self.start :].to(rows.device)
         if self.trimmed:  # the rows hold these sources' corrupted outputs: they become the deltas
             torch.sub(outputs, rows, out=rows)
         elif self.patch is None:  # zero ablation
             rows.copy_(outputs)
         else:
             patch = self.patch[first : first + len(outputs)]
-            torch.sub(outputs, patch[:, :, self.start :] if patch.shape[2] > 1 else patch, out=rows)
+            if patch.shape[2] > 1:
+                patch = patch[:, self.examples if patch.shape[1] > 1 else slice(None), self.start :]
+            torch.sub(outputs, patch, out=rows)
 
     def contract(self, destinations: slice, grad: torch.Tensor) -> None:
-        grad = grad.to(self.deltas.device).flatten(1).float()  # [n, K]: the engine gives positions start on
+        grad = grad.to(self.deltas.device)  # [n, repeat * examples, T - start, D]: positions start on
+        if self.repeat > 1:
+            grad = grad.unflatten(1, (self.repeat, -1)).sum(1, dtype=torch.float32)
+        grad = grad.flatten(1).float()  # [n, K]
         self.pending.append((destinations, grad))
         self.pending_columns += len(grad)
         if self.pending_columns >= self.pending_limit:
@@ -208,7 +252,7 @@ class _Contraction:
             return
         reads = [int(self.graph.n_inputs[destinations.start]) for destinations, _ in self.pending]
         gradients = torch.cat([grad for _, grad in self.pending]) if len(self.pending) > 1 else self.pending[0][1]
-        deltas = self.deltas[: max(reads)].flatten(1)
+        deltas = self.deltas[: max(reads), self.examples].flatten(1)
         step = len(deltas) if deltas.dtype == torch.float32 else CONTRACTION_ROWS
         products = torch.cat([gradients @ rows.float().T for rows in deltas.split(step)], 1)  # [destinations, reads]
         row = 0
