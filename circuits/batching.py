@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from . import distributed
 from .errors import CircuitsError
 
 AUTO = "auto"
@@ -230,18 +231,25 @@ class BatchPlan:
         budget = self.budget if self.budget is not None else int(HEADROOM * free_memory(self.device))
         self._probe = (PeakMemory(self.device), budget, examples, tokens)
 
+    @property
+    def probing(self) -> bool:
+        """Is the batch last yielded an automatic plan's probe (its measurement sizes the batches after it)?"""
+        return self._probe is not None
+
     def finish(self) -> None:
-        """The batch last yielded is done: an automatic plan's probe sets the size of the batches after it."""
+        """The batch last yielded is done: an automatic plan's probe sets the size of the batches after it
+        (under torch.distributed, the smallest size any rank measured: every rank lays out the same batches)."""
         if self._probe is None:
             return
         meter, budget, examples, tokens = self._probe
         self._probe = None
         peak = meter.bytes()
         if peak is None:
-            self.size = FALLBACK
-            return
-        per_token = max(peak, 1) / tokens
-        self.size = max(1, int(budget // (per_token * self._width)))
+            size = FALLBACK
+        else:
+            per_token = max(peak, 1) / tokens
+            size = max(1, int(budget // (per_token * self._width)))
+        self.size = distributed.agree_min(size)
 
     def halve(self, everything: bool = False) -> None:
         """After an out-of-memory error in the batch last yielded (``everything``: in any batch laid out),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .choices import ABLATIONS, METHODS, METRICS, SELECTIONS
 from .errors import CircuitsError
 
@@ -43,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if distributed.launched():  # under torchrun: every rank runs the command, rank 0 writes and reports
+            distributed.init()
+            if not distributed.is_main():
+                args.quiet = True
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
         return args.run(args)
     except KeyboardInterrupt:
         print(f"circuits: interrupted (files already written are complete){_resume_hint(args)}", file=sys.stderr)
@@ -51,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CIRCUITS_DEBUG"):
             raise
         text = str(error).strip()
+        if isinstance(error, distributed.RankFailure) and not distributed.is_main():
+            return 1  # another rank's failure, which rank 0 reports
         if isinstance(error, CircuitsError):
             print(
                 f"circuits {args.command}: error: {text.splitlines()[0] if text else type(error).__name__}",
@@ -168,7 +176,14 @@ def _task_options(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", help="a catalogue task (see `circuits tasks`)")
     source.add_argument("--task-file", type=Path, help="your own task: JSONL with clean, corrupted, answers, ...")
-    parser.add_argument("--n", type=_positive, default=None, help="examples (catalogue default 64; file: all)")
+    parser.add_argument(
+        "--n",
+        "--examples",
+        dest="n",
+        type=_positive,
+        default=None,
+        help="examples (catalogue default 64; file: all); under torchrun write --examples (torchrun takes --n)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the catalogue task's examples")
     parser.add_argument("--metric", default="logit_diff", choices=METRICS)
 
@@ -223,6 +238,8 @@ def _load_model(args: argparse.Namespace, name: str, named_by: Path | None = Non
 
     placement = _placement_arguments(args)
     device = None if placement else resolve_device(args.device)
+    if not placement and args.device is None and distributed.active():
+        device = distributed.device()  # cuda:LOCAL_RANK under NCCL, else the CPU
     if name != SMOLLM2 and Path(name).exists():
         name = str(Path(name).resolve())
     if args.quiet:
@@ -409,7 +426,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result["notes"] = undefined_notes(result)  # evaluation.json is strict JSON: an undefined value is null
     for note in result["notes"]:
         print(f"note: {note}")
-    if args.out is not None:
+    if args.out is not None and distributed.is_main():
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "evaluation.json", result)
         if curve is not None:

@@ -21,7 +21,7 @@ from .choices import ABLATIONS, Ablation, check_choice
 from .circuit import Circuit, Scores, edge_mask_from, prune, top_n_mask
 from .engine import patched_forward
 from .errors import CircuitsError
-from .methods.common import batches
+from .methods.common import batch_results
 from .model import Model
 from .task import Task, correct, metric_values
 
@@ -67,27 +67,28 @@ def masked_metrics(
     graph = model.graph
     empty_mask = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
     float_masks = [m.to(dtype=model.dtype, device=model.device) for m in masks]
-    rows: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []  # one per batch
+    rows: list[torch.Tensor] = []  # per batch: [full, empty, each mask's metric, each mask's correctness] x examples
 
-    def run(batch) -> None:
+    def run(batch) -> torch.Tensor:
         tokens = batch.tokens
         clean = _masked_logits(model, batch, None)
         empty = metric_values(task.metric, _masked_logits(model, batch, empty_mask), tokens, clean)
         values, right = [], []
         for mask in float_masks:
             logits = _masked_logits(model, batch, mask)
-            values.append(metric_values(task.metric, logits, tokens, clean).cpu())
-            right.append(correct(logits, tokens).cpu())
-        rows.append((metric_values(task.metric, clean, tokens, clean).cpu(), empty.cpu(), values, right))
+            values.append(metric_values(task.metric, logits, tokens, clean).float())
+            right.append(correct(logits, tokens).float())
+        return torch.stack([metric_values(task.metric, clean, tokens, clean).float(), empty.float(), *values, *right])
+
+    def store(item: tuple[int, torch.Tensor]) -> None:
+        rows.append(item[1].float().cpu())
 
     with torch.no_grad():
-        plan.each(lambda start: batches(model, task, ablation, plan, start=start), run)
-    frame = pd.DataFrame(
-        {"full": torch.cat([r[0] for r in rows]).numpy(), "empty": torch.cat([r[1] for r in rows]).numpy()}
-    )
-    values = [torch.cat([r[2][k] for r in rows]).numpy() for k in range(len(masks))]
-    right = [torch.cat([r[3][k] for r in rows]).numpy() for k in range(len(masks))]
-    return frame, values, right
+        plan.each(lambda start: batch_results(model, task, ablation, plan, run, start=start), store)
+    table = torch.cat(rows, 1).numpy()  # [2 + 2 x masks, examples]
+    frame = pd.DataFrame({"full": table[0], "empty": table[1]})
+    n = len(masks)
+    return frame, [table[2 + k] for k in range(n)], [table[2 + n + k].astype(bool) for k in range(n)]
 
 
 def _masked_logits(model: Model, batch, mask: torch.Tensor | None) -> torch.Tensor:

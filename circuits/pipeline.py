@@ -15,12 +15,13 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from . import export
+from . import distributed, export
 from .batching import BatchPlan, BatchSize, check_batch_size, parse_memory
 from .choices import SELECTIONS, Ablation, Method, MetricName, Selection, check_choice, check_positive
 from .circuit import Circuit, Scores, greedy_mask, select
@@ -116,7 +117,7 @@ def discover(
     check_batch_size(batch_size)
     parse_memory(max_memory)
     out = Path(out)
-    check_output_folder(out)
+    distributed.on_main(partial(check_output_folder, out), f"checking the output folder {out}")
     for name in (method, *compare):  # before any work: a pair whose gradients are all zero is refused
         check_gradient_metric(name, task.metric, ig_steps)
     settings = dict(method=method, ablation=ablation, batch_size=batch_size, ig_steps=ig_steps)
@@ -163,6 +164,8 @@ def discover(
     how = {"selection": selection}
     if acdc_threshold is not None:
         how.update({"acdc_threshold": acdc_threshold, "acdc_metric": acdc_metric, "candidates": len(pool)})
+    if not distributed.is_main():  # rank 0 writes the folder
+        return _summary(model, task, scores, circuit, evaluation, curves, phases.seconds, how)
     with atomic_folder(out) as staging:
         with phases("writing", f"writing {out}"):
             title = f"{model.name} {task.name}: {circuit.meta['method']}"
@@ -274,6 +277,7 @@ def _summary(
             for curve in curves
         },
         "seconds": seconds,
+        "world_size": distributed.world_size(),
         "versions": versions(),
         "files": list(FILES),
     }

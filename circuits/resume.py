@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import distributed
 from .errors import CircuitsError
 from .io import atomic_write_bytes, remove_stale_temporary_files
 
@@ -91,9 +92,10 @@ class Checkpoint:
     def load(self) -> Saved | None:
         """The saved state, or None when the file does not exist; a CircuitsError when it belongs to
         another computation (naming the parts that differ) or cannot be read."""
-        if not self.path.exists():
+        data = distributed.from_main(lambda: self.path.read_bytes() if self.path.exists() else None, str(self.path))
+        if data is None:
             return None
-        saved = read_checkpoint(self.path)
+        saved = read_checkpoint(self.path, data)
         names = [*self.fingerprint, *(name for name in saved.fingerprint if name not in self.fingerprint)]
         differing = [name for name in names if saved.fingerprint.get(name) != self.fingerprint.get(name)]
         if differing:
@@ -104,7 +106,10 @@ class Checkpoint:
         return saved
 
     def save(self, state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Replace the checkpoint file with ``state`` and ``tensors`` (atomically)."""
+        """Replace the checkpoint file with ``state`` and ``tensors`` (atomically; under torch.distributed rank 0
+        writes it, and every rank reads rank 0's)."""
+        if not distributed.is_main():
+            return
         header = {"format": FORMAT, "fingerprint": self.fingerprint, "state": dict(state)}
         plain = {name: tensor.detach().to("cpu").contiguous() for name, tensor in (tensors or {}).items()}
         from safetensors.torch import save
@@ -151,11 +156,12 @@ def checkpoint_folder(folder: str | Path | None, model: Model, task: Task, setti
     return folder
 
 
-def read_checkpoint(path: str | Path) -> Saved:
-    """A checkpoint file's contents, fingerprint unchecked (to inspect one); CircuitsError if unreadable."""
+def read_checkpoint(path: str | Path, data: bytes | None = None) -> Saved:
+    """A checkpoint file's contents (or those of its bytes ``data``), fingerprint unchecked (to inspect one);
+    CircuitsError if unreadable."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if data is None else data
         (length,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + length])
         meta = json.loads(header["__metadata__"][METADATA_KEY])

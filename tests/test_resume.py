@@ -164,7 +164,7 @@ def test_the_same_weights_give_the_same_digest_in_another_model_object():
 # --- attribution: checkpoint per batch ---------------------------------------------------------
 
 BATCH_FUNCTIONS = {"eap": (gradient, "_batch_scores"), "eap-ig-inputs": (gradient, "_batch_scores")}
-BATCH_FUNCTIONS["exact"] = (exact_module, "_add_batch_scores")
+BATCH_FUNCTIONS["exact"] = (exact_module, "_batch_effects")
 
 
 @pytest.mark.parametrize("method, level", [("eap", "edge"), ("eap-ig-inputs", "edge"), ("exact", "edge"),
@@ -191,8 +191,8 @@ def test_a_resumed_attribution_runs_only_the_batches_left(model, task, tmp_path,
             circuits.attribute(model, task, "eap", batch_size=2, progress=False, checkpoint=path)
     ran = []
     original = gradient._batch_scores
-    monkeypatch.setattr(gradient, "_batch_scores", lambda m, t, batch, *a: ran.append(batch.tokens.start) or
-                        original(m, t, batch, *a))  # fmt: skip
+    monkeypatch.setattr(gradient, "_batch_scores", lambda m, t, batch, **k: ran.append(batch.tokens.start) or
+                        original(m, t, batch, **k))  # fmt: skip
     circuits.attribute(model, task, "eap", batch_size=2, progress=False, checkpoint=path)
     assert ran == [2, 4]
 

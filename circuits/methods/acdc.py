@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..batching import BatchPlan, BatchSize, PlannedCheckpoint, check_batch_size, is_out_of_memory
 from ..choices import ABLATIONS, METRICS, Ablation, MetricName, check_choice
 from ..circuit import Circuit, edge_mask_from
@@ -106,7 +107,8 @@ def acdc(
         state = {"next": 0, "steps": 0, "cost": dict.fromkeys(COST_KEYS, 0.0)}
     else:
         state, kept = _resumed(saved, resumable, graph, len(order))
-    bar = tqdm(total=len(order), initial=state["next"], desc="ACDC destinations", disable=not progress)
+    show = progress and distributed.is_main()
+    bar = tqdm(total=len(order), initial=state["next"], desc="ACDC destinations", disable=not show)
     for position in range(state["next"], len(order)):
         if scorer is None:
             # the prefix before each layer is computed with the candidate mask, which ACDC has not touched there
@@ -185,14 +187,15 @@ class _Scorer:
     ):
         self.model, self.task, self.metric, self.reuse_prefix = model, task, metric, reuse_prefix
         self.ablation, self.plan, self.base_mask = ablation, plan, base_mask
-        self.batches = []
+        self.batches = []  # (batch, clean logits, prefix cache) of this rank's batches
+        self.n_batches, self.built = 0, False
         self.evaluations = 0
         self.dropped = 0.0  # forward equivalents run on batch layouts dropped after running out of memory
-        self._retrying(lambda: None)
 
     def _build(self) -> None:
-        """Every batch's clean logits and (with ``reuse_prefix``) prefix cache, laid out by the plan."""
-        for batch in batches(self.model, self.task, self.ablation, self.plan):
+        """This rank's batches' clean logits and (with ``reuse_prefix``) prefix caches, laid out by the plan
+        (every batch, or under torch.distributed every world-size-th)."""
+        for batch in batches(self.model, self.task, self.ablation, self.plan, owned=distributed.owns):
             tokens = batch.tokens
             with torch.no_grad():
                 clean = patched_forward(
@@ -204,14 +207,13 @@ class _Scorer:
                     self.model, tokens.clean_ids, tokens.attention_mask, batch.patch, tokens.positions, self.base_mask
                 )
             self.batches.append((batch, clean.logits, cache))
+        self.n_batches, self.built = len(self.plan.sizes), True
 
     def _retrying(self, compute):
-        """``compute()`` with every batch built; after an out-of-memory error the batches are dropped, laid out
-        again with half as many examples and rebuilt (one line on stderr), and ``compute`` runs again."""
+        """``compute()``; after an out-of-memory error (on any rank) the batches are dropped, laid out again with
+        half as many examples and rebuilt (one line on stderr), and ``compute`` runs again."""
         while True:
             try:
-                if not self.batches:
-                    self._build()
                 return compute()
             except Exception as error:  # only allocation failures are retried
                 if not is_out_of_memory(error):
@@ -219,15 +221,25 @@ class _Scorer:
             if self.reuse_prefix and self.batches:
                 layers = sum(cache.layers_run for _, _, cache in self.batches)
                 self.dropped += layers / self.model.graph.n_layers / len(self.batches)
-            self.batches = []
+            self.batches, self.built = [], False
             self.plan.halve(everything=True)
 
     def evaluate(self, edge_mask: torch.Tensor, from_layer: int) -> float:
+        """The task-mean metric: each batch's share, summed in batch order (on one rank or many alike)."""
         self.evaluations += 1
-        return self._retrying(lambda: self._evaluate(edge_mask, from_layer))
-
-    def _evaluate(self, edge_mask: torch.Tensor, from_layer: int) -> float:
+        values = self._retrying(
+            lambda: distributed.sum_owned(lambda: self._batch_values(edge_mask, from_layer), "an ACDC step")
+        )
         total = 0.0
+        for value in values.tolist():
+            total += value
+        return total
+
+    def _batch_values(self, edge_mask: torch.Tensor, from_layer: int) -> torch.Tensor:
+        """Each of this rank's batches' share of the task-mean metric, float64 ``[batches]``, zeros elsewhere."""
+        if not self.built:
+            self._build()
+        values = torch.zeros(self.n_batches, dtype=torch.float64)
         for batch, clean_logits, cache in self.batches:
             if cache is None:
                 tokens = batch.tokens
@@ -242,15 +254,17 @@ class _Scorer:
                     ).logits
             else:
                 logits = cache.run(edge_mask, from_layer)
-            total += float(metric_values(self.metric, logits, batch.tokens, clean_logits).sum()) / batch.n_total
-        return total
+            values[batch.index] = (
+                float(metric_values(self.metric, logits, batch.tokens, clean_logits).sum()) / batch.n_total
+            )
+        return values
 
     def forward_equivalents(self) -> dict[str, float]:
         """Layers computed, in whole forward passes over the task (the clean runs included)."""
         naive = self.evaluations + 1
         if not self.reuse_prefix:
             return {"forward_equivalents": naive, "forward_equivalents_without_prefix_reuse": naive}
-        n_layers, n_batches = self.model.graph.n_layers, len(self.batches)
+        n_layers, n_batches = self.model.graph.n_layers, max(len(self.batches), 1)
         layers = sum(cache.layers_run for _, _, cache in self.batches)
         used = self.dropped + layers / n_layers / n_batches + 2  # + the clean runs and the prefix runs
         return {"forward_equivalents": used, "forward_equivalents_without_prefix_reuse": naive}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..batching import BatchPlan, BatchSize
 from ..engine import patching_values, source_outputs, unchanged_prefix
 from ..errors import CircuitsError
@@ -23,6 +25,7 @@ class Batch:
     n_total: int  # examples in the whole task: a batch's metric sum is divided by it
     start: int = 0  # every pair shares the positions before it (patching in a causal model; else 0)
     trimmed: bool = False  # the patch holds positions ``start`` on only (it cannot feed a patched forward)
+    index: int = 0  # the batch's place in the plan's layout
 
 
 def batches(
@@ -33,6 +36,7 @@ def batches(
     progress: bool = False,
     start: int = 0,
     trim: bool = False,
+    owned: Callable[[int], bool] | None = None,
 ) -> Iterator[Batch]:
     """The task in batches with their ablation values; patching values are computed one batch at a time.
 
@@ -41,31 +45,100 @@ def batches(
     ``start``: the index of the first batch to yield (a resumed computation skips the batches it has done).
     ``trim``: patching values only from the first position where a pair of the batch differs (``Batch.start``):
     before it every source's output is the clean one, so a computation that only needs the deltas skips it.
+    ``owned``: yield only the batches whose index it accepts (a rank's share, see ``circuits.distributed``).
     """
     plan = BatchPlan.of(batch_size, model.device)
-    tokenized = task.check(model).to(model.device)  # a prompt too long, an id outside the vocabulary: named now
-    mean = None
-    if ablation == "mean":  # over the whole task's clean prompts, not per batch; kept by the plan for retries
-        if plan.mean is None:
-            plan.mean = ablation_mean(model, tokenized, plan.sub_plan())
-        mean = plan.mean.to(device=model.device, dtype=model.dtype)
-    lengths = tokenized.attention_mask.sum(1).tolist()
-    n = len(lengths)
-    bar = None
-    for offset, size in plan.spans(lengths, start):
-        if bar is None:
-            bar = tqdm(desc="examples", initial=offset, total=n, disable=not progress, leave=False)
-        tokens = tokenized[offset : offset + size]
-        if ablation == "patching":
-            shared = unchanged_prefix(model, tokens.clean_ids, tokens.corrupted_ids, tokens.attention_mask)
-            first = shared if trim else 0
-            mask = tokens.attention_mask
-            yield Batch(tokens, patching_values(model, mask, tokens.corrupted_ids, mask, first), n, shared, trim)
-        else:
-            yield Batch(tokens, mean, n)
-        bar.update(size)
-    if bar is not None:
-        bar.close()
+    make = _BatchMaker(model, task, ablation, plan, trim)
+    show = progress and distributed.is_main()
+    with tqdm(desc="examples", total=len(make.lengths), disable=not show, leave=False) as bar:
+        bar.update(sum(plan.sizes[:start]))
+        for index, (offset, size) in enumerate(plan.spans(make.lengths, start), start):
+            if owned is None or owned(index):
+                yield make(index, offset, size)
+            bar.update(size)
+
+
+def batch_results(
+    model: Model,
+    task: Task,
+    ablation: str,
+    plan: BatchPlan,
+    compute: Callable[[Batch], torch.Tensor],
+    progress: bool = False,
+    start: int = 0,
+    trim: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(index, compute(batch))`` for batch ``start`` onward, in order; under torch.distributed each batch is
+    computed by one rank and every rank gets every result (``span_results``)."""
+    make = _BatchMaker(model, task, ablation, plan, trim)
+    yield from span_results(plan, make.lengths, start, lambda *span: compute(make(*span)), progress)
+
+
+def span_results(
+    plan: BatchPlan,
+    lengths: list[int],
+    start: int,
+    compute: Callable[[int, int, int], torch.Tensor],
+    progress: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(index, compute(index, first example, examples))`` for every batch ``plan`` lays out from ``start`` on,
+    in order.
+
+    Under torch.distributed every rank gets the same sequence: in each round of ``world_size`` batches rank r
+    computes the r-th and the results are exchanged (``circuits.distributed.exchange``: they arrive in float64,
+    callers convert them); a probe batch of an automatic plan is a round of its own, on rank 0. A failure on
+    any rank raises on every rank, with the plan's current batch set to the failed one (``halve`` halves it).
+    """
+    ranks, me = distributed.world_size(), distributed.rank()
+    round_: list[tuple[int, int, int]] = []  # (index, first example, examples)
+
+    def failed(slot: int) -> str:
+        index, offset, size = round_[slot]
+        plan.current = index
+        return f"batch {index} (examples {offset}-{offset + size - 1})"
+
+    def run_round() -> Iterator[tuple[int, torch.Tensor]]:
+        mine = round_[me] if me < len(round_) else None
+        own = None if mine is None else partial(compute, *mine)
+        results = [own()] if ranks == 1 else distributed.exchange(own, me, ranks, failed)
+        for (index, _, size), result in zip(round_, results, strict=False):
+            yield index, result
+            bar.update(size)
+        round_.clear()
+
+    with tqdm(
+        desc="examples", total=len(lengths), disable=not (progress and distributed.is_main()), leave=False
+    ) as bar:
+        bar.update(sum(plan.sizes[:start]))
+        for index, (offset, size) in enumerate(plan.spans(lengths, start), start):
+            round_.append((index, offset, size))
+            if plan.probing or len(round_) == ranks:  # a probe's measurement sizes the batches after it
+                yield from run_round()
+        if round_:
+            yield from run_round()
+
+
+class _BatchMaker:
+    """Batches of one task with their ablation values, from ``(first example, examples)`` spans."""
+
+    def __init__(self, model: Model, task: Task, ablation: str, plan: BatchPlan, trim: bool):
+        self.model, self.ablation, self.trim = model, ablation, trim
+        self.tokenized = task.check(model).to(model.device)  # a prompt too long, an id outside the vocabulary
+        self.lengths = self.tokenized.attention_mask.sum(1).tolist()
+        self.mean = None
+        if ablation == "mean":  # over the whole task's clean prompts, not per batch; kept by the plan for retries
+            if plan.mean is None:
+                plan.mean = ablation_mean(model, self.tokenized, plan.sub_plan())
+            self.mean = plan.mean.to(device=model.device, dtype=model.dtype)
+
+    def __call__(self, index: int, offset: int, size: int) -> Batch:
+        tokens, n, model = self.tokenized[offset : offset + size], len(self.lengths), self.model
+        if self.ablation != "patching":
+            return Batch(tokens, self.mean, n, index=index)
+        shared = unchanged_prefix(model, tokens.clean_ids, tokens.corrupted_ids, tokens.attention_mask)
+        mask = tokens.attention_mask
+        patch = patching_values(model, mask, tokens.corrupted_ids, mask, shared if self.trim else 0)
+        return Batch(tokens, patch, n, shared, self.trim, index)
 
 
 def ablation_mean(model: Model, tokenized: TokenizedTask, plan: BatchPlan) -> torch.Tensor:
@@ -74,13 +147,16 @@ def ablation_mean(model: Model, tokenized: TokenizedTask, plan: BatchPlan) -> to
     lengths = tokenized.attention_mask.sum(1).tolist()
     sums: list[torch.Tensor] = []
 
-    def add(span: tuple[int, int]) -> None:
-        tokens = tokenized[span[0] : span[0] + span[1]]
+    def batch_sum(index: int, offset: int, size: int) -> torch.Tensor:
+        tokens = tokenized[offset : offset + size]
         outputs = source_outputs(model, tokens.clean_ids, tokens.attention_mask)
         mask = tokens.attention_mask.to(outputs.dtype)[None, :, :, None]
-        sums.append((outputs * mask).sum((1, 2), dtype=torch.float32))
+        return (outputs * mask).sum((1, 2), dtype=torch.float32)
 
-    plan.each(lambda start: plan.spans(lengths, start), add)
+    def add(item: tuple[int, torch.Tensor]) -> None:
+        sums.append(item[1].float())
+
+    plan.each(lambda start: span_results(plan, lengths, start, batch_sum), add)
     total = torch.stack(sums).sum(0) if len(sums) > 1 else sums[0]
     return (total / tokenized.attention_mask.sum()).to(model.dtype)[:, None, None, :]
 

@@ -3,14 +3,18 @@
 score = mean metric(edge ablated) - mean metric(clean). Ablating an edge into layer L leaves
 everything before L as in the clean run, so each patched forward computes only layers L onward
 (``PrefixCache``), and the ablations of one layer run side by side as copies of the batch, as
-many per forward as ``max_tokens`` allows.
+many per forward as ``max_tokens`` allows. Under torch.distributed every rank runs every batch's clean
+prefix and takes every world-size-th unit of each layer (``circuits.distributed.sum_owned``).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..batching import BatchPlan
 from ..engine import PrefixCache
 from ..model import Model
@@ -49,13 +53,15 @@ def exact_scores(
     scores, start = resumed_sum(checkpoint, zeros)
     for index, batch in enumerate(batches(model, task, ablation, batch_size, progress, start), start):
         tokens = max(1, max_tokens >> getattr(batch_size, "halvings", 0))  # read after the checkpoint restored it
-        _add_batch_scores(scores, model, task, batch, by_layer, level, tokens, progress)
+        # under torch.distributed each rank computes its share of the units, and every rank adds them all
+        effects = partial(_batch_effects, scores.shape, model, task, batch, by_layer, level, tokens, progress)
+        scores += distributed.sum_owned(effects, f"the exact scores of batch {index}").float()
         save_sum(checkpoint, scores, index + 1)
     return scores
 
 
-def _add_batch_scores(
-    scores: torch.Tensor,
+def _batch_effects(
+    shape: torch.Size,
     model: Model,
     task: Task,
     batch: Batch,
@@ -63,20 +69,25 @@ def _add_batch_scores(
     level: str,
     max_tokens: int,
     progress: bool,
-) -> None:
-    """Add one batch's effect of every ablation unit (grouped by the layer it enters) to ``scores``."""
+) -> torch.Tensor:
+    """One batch's effect of every ablation unit this rank owns (under torch.distributed, every world-size-th
+    unit of each layer; else all), zeros elsewhere."""
     tokens = batch.tokens
+    effects = torch.zeros(shape)
     cache = PrefixCache(model, tokens.clean_ids, tokens.attention_mask, batch.patch, tokens.positions)
     clean = cache.base_logits
     baseline = metric_sum(task, clean, batch, clean)
     copies = max(1, max_tokens // tokens.clean_ids.numel())
-    total = sum(map(len, by_layer.values()))
-    with tqdm(total=total, desc="exact", disable=not progress, leave=False) as bar:
-        for layer in sorted(by_layer, reverse=True):
-            group = by_layer[layer]
+    owned = {layer: [unit for k, unit in enumerate(group) if distributed.owns(k)] for layer, group in by_layer.items()}
+    total = sum(map(len, owned.values()))
+    with tqdm(total=total, desc="exact", disable=not (progress and distributed.is_main()), leave=False) as bar:
+        for layer in sorted(owned, reverse=True):
+            group = owned[layer]
             for start in range(0, len(group), copies):
                 chunk = group[start : start + copies]
                 for (u, v), logits in zip(chunk, cache.run_ablations(chunk, layer), strict=True):
-                    effect = (metric_sum(task, logits, batch, clean) - baseline).cpu()
-                    scores[(u, v) if level == "edge" else u] += effect
+                    effects[(u, v) if level == "edge" else u] = (
+                        metric_sum(task, logits, batch, clean) - baseline
+                    ).cpu()
                 bar.update(len(chunk))
+    return effects

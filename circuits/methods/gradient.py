@@ -31,17 +31,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
 
+from ..batching import BatchPlan
 from ..choices import METRICS
 from ..engine import patched_forward
 from ..errors import CircuitsError
 from ..model import Model
 from ..resume import Checkpoint
 from ..task import REFERENCE_METRICS, Task
-from .common import Batch, batches, metric_sum, resumed_sum, save_sum
+from .common import Batch, batch_results, metric_sum, resumed_sum, save_sum
 
 Point = tuple[float, float | None]  # (input interpolation a, every edge's mask value; None: the plain mask of ones)
 CLEAN: Point = (1.0, None)  # the clean run
@@ -102,8 +104,10 @@ def gradient_scores(
     spec = GRADIENT_METHODS[method]
     trim = not any(mask_value is not None for _, mask_value in spec.points(ig_steps))  # no forward reads the patch
     scores, start = resumed_sum(checkpoint, torch.zeros(graph.n_src, graph.n_dst))
-    for index, batch in enumerate(batches(model, task, ablation, batch_size, progress, start, trim), start):
-        scores += _batch_scores(model, task, batch, method, ig_steps)
+    plan = BatchPlan.of(batch_size, model.device)
+    compute = partial(_batch_scores, model, task, method=method, ig_steps=ig_steps)
+    for index, batch_scores in batch_results(model, task, ablation, plan, compute, progress, start, trim):
+        scores += batch_scores.float()
         save_sum(checkpoint, scores, index + 1)
     return scores
 
