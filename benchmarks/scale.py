@@ -210,17 +210,18 @@ def cases(model: circuits.Model, method: str, batch: int, length: int, changed: 
 
 
 def measure(fn, device: torch.device) -> tuple[float, int]:
-    """Median seconds and peak memory (above what is held before it) of ``fn``: both from its first call,
-    repeated while the calls so far took less than MIN_SECONDS."""
+    """Median seconds and median peak memory (above what is held before each call) of ``fn``'s calls, repeated
+    while the calls so far took less than MIN_SECONDS (a small case's peak of a few MiB varies by as much from
+    one call to the next)."""
     seconds: list[float] = []
+    peaks: list[int] = []
 
     def timed() -> None:
         seconds.append(timed_call(fn, device))
 
-    peak = peak_memory(timed, device)
-    while sum(seconds) < MIN_SECONDS and len(seconds) < REPEATS:
-        timed()
-    return statistics.median(seconds), peak
+    while not seconds or (sum(seconds) < MIN_SECONDS and len(seconds) < REPEATS):
+        peaks.append(peak_memory(timed, device))
+    return statistics.median(seconds), int(statistics.median(peaks))
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -572,7 +573,8 @@ def readme(rows: list[dict]) -> str:
         "  body, then its head on the last hidden state). The ratio",
         "  ours / floor is the figure to compare across machines; the seconds depend on the machine and its load",
         "  (**load**: the 1-minute load average after the row; above the number of cores, other work shared them).",
-        "- **peak**: the most memory the call held above what was held before it (the weights: **weights**), CPU:",
+        "- **peak**: the most memory a call held above what was held before it (the weights: **weights**; the median",
+        "  over the calls when a short case is repeated), CPU:",
         "  the peak resident set, in a child process per shape whose allocator returns freed tensors at once",
         "  (`benchmarks/_measure.py`); CUDA: the allocator's peak.",
         "- **edges**: `len(model.graph)`; the score buffer is `[n_src, n_dst]` float32 on the CPU.",
