@@ -259,10 +259,11 @@ class _SharedQKV(torch.autograd.Function):
 
     The forward projects each head from a stride-0 view of the normed stream (as many flops as the fused
     projections, and no input is copied) and keeps that graph, from position ``start`` on; before it, the plain
-    computation. The backward gives each destination its own input gradient ``[n, B, T - start, D]`` (held for
-    this layer only): the gradient at its head's view, then through the norm's Jacobian at the shared stream
-    for all n at once (``circuits.arch.norms``). It passes those to the grad hook and returns their sum (with
-    the plain gradient before ``start``), the stream's gradient.
+    computation, kept as a constant (the backward computes those positions again for their gradient rather than
+    hold their graph). The backward gives each destination its own input gradient ``[n, B, T - start, D]``
+    (held for this layer only): the gradient at its head's view, then through the norm's Jacobian at the shared
+    stream for all n at once (``circuits.arch.norms``). It passes those to the grad hook and returns their sum
+    (with the plain gradient before ``start``), the stream's gradient.
     """
 
     @staticmethod
@@ -274,29 +275,32 @@ class _SharedQKV(torch.autograd.Function):
         with torch.enable_grad():
             with torch.no_grad():
                 shared = adapter.attention_norm(layer)(stream[:, :, start:])
-            ctx.leaves = tuple(shared.expand(n, *shared.shape[1:]).requires_grad_(True) for n in adapter.qkv_counts())
-            ctx.outputs = adapter.project_qkv(layer, ctx.leaves, _positions(split.ctx, start))
-            if start:  # positions before start: the plain computation, their stream a leaf of its own
-                prefix = stream[:, :, :start].requires_grad_(True)
-                before = adapter.qkv(layer, prefix, _positions(split.ctx, 0, start))
+                before = adapter.qkv(layer, stream[:, :, :start], _positions(split.ctx, 0, start)) if start else None
+            ctx.parts = tuple(shared.expand(n, *shared.shape[1:]).requires_grad_(True) for n in adapter.qkv_counts())
+            ctx.outputs = adapter.project_qkv(layer, ctx.parts, _positions(split.ctx, start))
+            if start:  # positions before start enter as constants: the backward recomputes their gradient
                 ctx.outputs = tuple(torch.cat(pair, 2) for pair in zip(before, ctx.outputs, strict=True))
-                ctx.leaves = (prefix, *ctx.leaves)
         return tuple(output.detach() for output in ctx.outputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         (inputs,) = ctx.saved_tensors
         split, start = ctx.split, ctx.split.start
+        adapter, layer = split.adapter, split.layer
         with split.stage if split.stage is not None else contextlib.nullcontext():
-            leaf_grads = torch.autograd.grad(ctx.outputs, ctx.leaves, grads)
-            ctx.outputs = ctx.leaves = None
-            normed_grads = leaf_grads[1:] if start else leaf_grads  # each head's, at its view of the normed stream
-            norm = split.adapter.attention_norm(split.layer)
-            grad = norm_input_gradients(norm, inputs.detach()[:, :, start:], normed_grads)  # float32
+            normed_grads = torch.autograd.grad(ctx.outputs, ctx.parts, grads)  # each head's, at its view
+            ctx.outputs = ctx.parts = None
+            stream = inputs.detach()
+            grad = norm_input_gradients(adapter.attention_norm(layer), stream[:, :, start:], normed_grads)
+            if start:  # the plain gradient before start, its q/k/v computed again
+                with torch.enable_grad():
+                    prefix = stream[:, :, :start].requires_grad_(True)
+                    outputs = adapter.qkv(layer, prefix, _positions(split.ctx, 0, start))
+                    (prefix_grad,) = torch.autograd.grad(outputs, prefix, tuple(g[:, :, :start] for g in grads))
         split.hook(split.destinations, grad.to(split.home))
         stream_grad = grad.sum(0, keepdim=True).to(inputs.dtype)
         if start:
-            stream_grad = torch.cat([leaf_grads[0], stream_grad], 2)
+            stream_grad = torch.cat([prefix_grad, stream_grad], 2)
         return stream_grad, None
 
 
