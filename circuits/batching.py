@@ -267,7 +267,10 @@ class BatchPlan:
         self.size = failed // 2
         self.halvings += 1
         del self.sizes[index:]
-        self.log(f"circuits: out of memory in a batch of {failed} examples on {self.device}; retrying with {self.size}")
+        if distributed.is_main():  # every rank halves alike; one says so
+            self.log(
+                f"circuits: out of memory in a batch of {failed} examples on {self.device}; retrying with {self.size}"
+            )
         release_memory(self.device)
 
     # --- recording the layout in a checkpoint -------------------------------------------------------

@@ -4,7 +4,8 @@
 
 MODE ``results``: every computation of ``results()``, each rank writing what it ended with to
 ``OUT/rank<r>.safetensors``, and an ACDC search stopped after three destinations (its checkpoint
-``OUT/acdc.ckpt``); ``fail``: rank 1's metric raises; ``die``: rank 1's process exits in the middle of a run.
+``OUT/acdc.ckpt``); ``fail``: rank 1's metric raises; ``oom``: rank 1 runs out of memory in a batch (EAP scores
+to ``OUT/oom-rank<r>.safetensors``); ``die``: rank 1's process exits in the middle of a run.
 """
 
 from __future__ import annotations
@@ -101,6 +102,20 @@ def main() -> None:
 
         failing_task = tiny_task(batch=7, seq=8, metric=failing)
         circuits.attribute(model, failing_task, "eap", batch_size=BATCH, progress=False)
+    elif mode == "oom":  # rank 1 runs out of memory in its first batch of two examples
+        from safetensors.torch import save_file
+
+        batch_scores, failed = gradient._batch_scores, []
+
+        def short_of_memory(*args, **kwargs):
+            if distributed.rank() == 1 and len(args[2].tokens) == 2 and not failed:
+                failed.append(args[2].index)
+                raise MemoryError("injected: out of memory")
+            return batch_scores(*args, **kwargs)
+
+        gradient._batch_scores = short_of_memory
+        scores = circuits.attribute(model, task, "eap", batch_size=BATCH, progress=False).tensor
+        save_file({"eap": scores.contiguous()}, out / f"oom-rank{distributed.rank()}.safetensors")
     elif mode == "die":
         if distributed.rank() == 1:
             os._exit(3)

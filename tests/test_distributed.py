@@ -121,6 +121,20 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_error(tmp_path):
     )  # rank 0, told by the exchange
 
 
+def test_out_of_memory_on_one_rank_halves_the_batch_on_every_rank(tmp_path, single):
+    done = torchrun(str(WORKER), "oom", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-4000:]
+    halvings = [line for line in done.stderr.splitlines() if "out of memory in a batch of 2 examples" in line]
+    assert len(halvings) == 1  # said once, by rank 0
+    from safetensors.torch import load_file
+
+    ranks = [load_file(tmp_path / f"oom-rank{rank}.safetensors")["eap"] for rank in (0, 1)]
+    assert identical(ranks[0], ranks[1])
+    expected = single[2]["eap"]  # batches of one example after the failure: the same sums in another order
+    atol = 1e-6 * float(expected.nan_to_num().abs().max())
+    assert torch.allclose(ranks[0].nan_to_num(), expected.nan_to_num(), rtol=0, atol=atol)
+
+
 def test_a_rank_that_dies_ends_the_whole_run(tmp_path):
     done = torchrun(str(WORKER), "die", str(tmp_path))  # within BOUND seconds, or subprocess raises TimeoutExpired
     assert done.returncode != 0

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..batching import BatchPlan
+from ..batching import BatchPlan, BatchSize
 from ..choices import METRICS
 from ..engine import patched_forward
 from ..errors import CircuitsError
@@ -93,7 +93,7 @@ def gradient_scores(
     task: Task,
     method: str,
     ablation: str,
-    batch_size: int,
+    batch_size: BatchSize | BatchPlan,
     ig_steps: int,
     progress: bool,
     checkpoint: Checkpoint | None = None,
