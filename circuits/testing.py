@@ -15,8 +15,10 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    OlmoConfig,
     Qwen2Config,
     Qwen3Config,
+    SmolLM3Config,
 )
 
 from .errors import CircuitsError
@@ -32,6 +34,11 @@ CONFIGS = {
     "mistral": lambda: MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=5),
     "qwen2": lambda: Qwen2Config(**_COMMON, num_key_value_heads=2),
     "qwen3": lambda: Qwen3Config(**_COMMON, num_key_value_heads=1, head_dim=8),
+    "smollm3": lambda: SmolLM3Config(
+        **_COMMON, num_key_value_heads=2, no_rope_layers=[1, 0, 1], pad_token_id=0, bos_token_id=0, eos_token_id=0
+    ),
+    # clip_qkv clips some projections of these weights, rarely enough for finite differences to see no kink
+    "olmo": lambda: OlmoConfig(**_COMMON, num_key_value_heads=2, clip_qkv=3.0),
     "neox": lambda: GPTNeoXConfig(**_COMMON, rotary_pct=0.5, use_parallel_residual=True),
     "neox_sequential": lambda: GPTNeoXConfig(**_COMMON, rotary_pct=0.25, use_parallel_residual=False),
 }

@@ -1,4 +1,5 @@
-"""The Llama family: Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), SmolLM2.
+"""The Llama family: Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), SmolLM2, SmolLM3
+(layers without rotary positions), OLMo (weightless LayerNorms, q/k/v clipped to +-clip_qkv).
 
 RMSNorm, rotary positions through transformers' own helpers, separate
 q/k/v projections, grouped-query attention with k/v per key/value head.
@@ -13,7 +14,7 @@ from .base import Adapter, Context, per_head_linear, rotary_function, split_head
 
 
 class LlamaAdapter(Adapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo")
     position_limit = "max_position_embeddings"
 
     def __init__(self, hf: nn.Module):
@@ -62,10 +63,14 @@ class LlamaAdapter(Adapter):
                 )
                 for part, p, n in zip(parts, projections, self.qkv_counts(), strict=True)
             )
+        clip = getattr(self.config, "clip_qkv", None)
+        if clip is not None:  # OLMo: every projection clipped elementwise (per head alike)
+            q, k, v = (x.clamp(-clip, clip) for x in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's query and key
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = ctx.rotary
-        q, k = self._apply_rotary(q, k, cos, sin)
+        if getattr(attn, "use_rope", True):  # SmolLM3 leaves rotary positions out of some layers
+            cos, sin = ctx.rotary
+            q, k = self._apply_rotary(q, k, cos, sin)
         return q, k, v
 
     def scale(self, layer: int) -> float:
