@@ -19,6 +19,7 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
     SmolLM3Config,
+    Starcoder2Config,
 )
 
 from .errors import CircuitsError
@@ -39,6 +40,7 @@ CONFIGS = {
     ),
     # clip_qkv clips some projections of these weights, rarely enough for finite differences to see no kink
     "olmo": lambda: OlmoConfig(**_COMMON, num_key_value_heads=2, clip_qkv=3.0),
+    "starcoder2": lambda: Starcoder2Config(**_COMMON, num_key_value_heads=2, sliding_window=5, use_bias=True),
     "neox": lambda: GPTNeoXConfig(**_COMMON, rotary_pct=0.5, use_parallel_residual=True),
     "neox_sequential": lambda: GPTNeoXConfig(**_COMMON, rotary_pct=0.25, use_parallel_residual=False),
 }

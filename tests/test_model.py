@@ -66,7 +66,7 @@ def test_unsupported_architecture_names_model_type_and_lists_supported():
         OPTConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, ffn_dim=16, num_attention_heads=2)
     )
     with pytest.raises(
-        ValueError, match="model_type 'opt'.*gpt2, gpt_neox, llama, mistral, olmo, qwen2, qwen3, smollm3"
+        ValueError, match="model_type 'opt'.*gpt2, gpt_neox, llama, mistral, olmo, qwen2, qwen3, smollm3, starcoder2"
     ):
         circuits.Model.from_hf(hf)
 

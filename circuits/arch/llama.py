@@ -1,5 +1,6 @@
 """The Llama family: Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), SmolLM2, SmolLM3
-(layers without rotary positions), OLMo (weightless LayerNorms, q/k/v clipped to +-clip_qkv).
+(layers without rotary positions), OLMo (weightless LayerNorms, q/k/v clipped to +-clip_qkv), StarCoder2
+(LayerNorms and projections with biases, a two-matrix MLP: the MLP is the block's own module either way).
 
 RMSNorm, rotary positions through transformers' own helpers, separate
 q/k/v projections, grouped-query attention with k/v per key/value head.
@@ -14,7 +15,7 @@ from .base import Adapter, Context, per_head_linear, rotary_function, split_head
 
 
 class LlamaAdapter(Adapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "starcoder2")
     position_limit = "max_position_embeddings"
 
     def __init__(self, hf: nn.Module):
@@ -40,7 +41,7 @@ class LlamaAdapter(Adapter):
         layer_types = getattr(cfg, "layer_types", None)
         if layer_types:
             return cfg.sliding_window if layer_types[layer] == "sliding_attention" else None
-        if cfg.model_type == "mistral":
+        if cfg.model_type in ("mistral", "starcoder2"):  # one window for every layer, when set
             return getattr(cfg, "sliding_window", None)
         return None
 
