@@ -212,12 +212,4 @@ def from_main(read: Callable[[], bytes | None], what: str) -> bytes | None:
 
 def on_main(work: Callable[[], None], what: str) -> None:
     """``work()`` on rank 0 only (a check or a write of rank 0's files); a failure raises on every rank."""
-    if not active():
-        work()
-        return
-
-    def done() -> torch.Tensor:
-        work()
-        return torch.zeros(0)
-
-    exchange(done if is_main() else None, rank(), world_size(), lambda slot: what)
+    from_main(work, what)  # work returns None: nothing to send, only its failure

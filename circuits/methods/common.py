@@ -49,8 +49,7 @@ def batches(
     """
     plan = BatchPlan.of(batch_size, model.device)
     make = _BatchMaker(model, task, ablation, plan, trim)
-    show = progress and distributed.is_main()
-    with tqdm(desc="examples", total=len(make.lengths), disable=not show, leave=False) as bar:
+    with _examples_bar(len(make.lengths), progress) as bar:
         bar.update(sum(plan.sizes[:start]))
         for index, (offset, size) in enumerate(plan.spans(make.lengths, start), start):
             if owned is None or owned(index):
@@ -106,9 +105,7 @@ def span_results(
             bar.update(size)
         round_.clear()
 
-    with tqdm(
-        desc="examples", total=len(lengths), disable=not (progress and distributed.is_main()), leave=False
-    ) as bar:
+    with _examples_bar(len(lengths), progress) as bar:
         bar.update(sum(plan.sizes[:start]))
         for index, (offset, size) in enumerate(plan.spans(lengths, start), start):
             round_.append((index, offset, size))
@@ -116,6 +113,11 @@ def span_results(
                 yield from run_round()
         if round_:
             yield from run_round()
+
+
+def _examples_bar(total: int, progress: bool) -> tqdm:
+    """The examples' progress bar: shown when asked for, and under torch.distributed on rank 0 only."""
+    return tqdm(desc="examples", total=total, disable=not (progress and distributed.is_main()), leave=False)
 
 
 class _BatchMaker:
