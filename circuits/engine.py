@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .arch import Adapter, Context
+from .arch.base import map_rotary
 from .arch.norms import norm_input_gradients
 from .errors import CircuitsError
 from .graph import LayerSlots
@@ -308,7 +309,7 @@ def _positions(ctx: Context, start: int, stop: int | None = None) -> Context:
     """``ctx`` for the positions ``start`` to ``stop`` of a per-position computation (q/k/v projections)."""
     if (not start and stop is None) or ctx.rotary is None:
         return ctx
-    return replace(ctx, rotary=tuple(table[:, start:stop] for table in ctx.rotary))
+    return replace(ctx, rotary=map_rotary(ctx.rotary, lambda table: table[:, start:stop]))
 
 
 class PrefixCache:
@@ -388,7 +389,7 @@ class PrefixCache:
             ctx = Context(
                 ctx.attention_mask.repeat(copies, 1, 1, 1),
                 {w: m.repeat(copies, 1, 1, 1) for w, m in ctx.sliding_masks.items()},
-                None if ctx.rotary is None else tuple(t.repeat(copies, 1, 1) for t in ctx.rotary),
+                map_rotary(ctx.rotary, lambda table: table.repeat(copies, 1, 1)),
             )
             run = _Run(self.model, ctx, resid.repeat(copies, 1, 1), _Ablations(units, deltas, batch))
             for slots in graph.layers[from_layer:]:

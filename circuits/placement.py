@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .arch import Adapter, Context
+from .arch.base import map_rotary
 from .errors import CircuitsError
 
 
@@ -194,7 +195,7 @@ def move_context(ctx: Context, device: torch.device) -> Context:
     return Context(
         ctx.attention_mask.to(device),
         {w: m.to(device) for w, m in ctx.sliding_masks.items()},
-        None if ctx.rotary is None else tuple(t.to(device) for t in ctx.rotary),
+        map_rotary(ctx.rotary, lambda table: table.to(device)),
     )
 
 

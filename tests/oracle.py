@@ -22,16 +22,43 @@ class Layout:
 
     layers: nn.ModuleList
     final_norm: nn.Module
-    attn_norm: str  # name of the norm feeding q/k/v, per layer
-    mlp_norm: str  # name of the norm feeding the MLP, per layer
+    attn_norm: str | None  # name of the norm feeding q/k/v, per layer (None: the projections read the stream)
+    mlp_norm: str | None  # name of the norm feeding the MLP, per layer (may be attn_norm: parallel blocks)
     mlp: str
     out_proj: str  # attention output projection (its input is the per-head mix z)
-    projections: dict  # "q"/"k"/"v" -> (module path, function(head) -> column slice of its output)
-    out_proj_is_conv1d: bool
+    # "q"/"k"/"v" -> (module path, function(head) -> column slice of its output, path of a module applied to that
+    # whole output before heads are split (OLMo 2's q/k norms) or None)
+    projections: dict
+    out_proj_is_conv1d: bool = False
+    attn_post_norm: str | None = None  # a norm on the summed attention output before it joins the stream
+    mlp_out: str | None = None  # the module whose output is the MLP's write to the stream (default: mlp)
+    residual_multiplier: float = 1.0  # every attention and MLP write is scaled by this (Granite)
+
+
+def llama_like(hf: nn.Module, **overrides) -> Layout:
+    """The Llama family's layout (``model.layers``, ``self_attn.{q,k,v,o}_proj``), with a family's differences."""
+    cfg = hf.config
+    e = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    fields = dict(
+        layers=hf.model.layers,
+        final_norm=hf.model.norm,
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        mlp="mlp",
+        out_proj="self_attn.o_proj",
+        projections={c: (f"self_attn.{c}_proj", lambda h: slice(h * e, (h + 1) * e), None) for c in "qkv"},
+    )
+    return Layout(**(fields | overrides))
+
+
+# model_type -> its layout, for the families that differ from the Llama family's
+LAYOUTS = {}
 
 
 def layout(hf: nn.Module) -> Layout:
     cfg = hf.config
+    if cfg.model_type in LAYOUTS:
+        return LAYOUTS[cfg.model_type](hf)
     if cfg.model_type == "gpt2":
         d, e = cfg.n_embd, cfg.n_embd // cfg.n_head
         return Layout(
@@ -41,7 +68,10 @@ def layout(hf: nn.Module) -> Layout:
             "ln_2",
             "mlp",
             "attn.c_proj",
-            {c: ("attn.c_attn", lambda h, i=i: slice(i * d + h * e, i * d + (h + 1) * e)) for i, c in enumerate("qkv")},
+            {
+                c: ("attn.c_attn", lambda h, i=i: slice(i * d + h * e, i * d + (h + 1) * e), None)
+                for i, c in enumerate("qkv")
+            },
             True,
         )
     if cfg.model_type == "gpt_neox":
@@ -54,22 +84,11 @@ def layout(hf: nn.Module) -> Layout:
             "mlp",
             "attention.dense",
             {
-                c: ("attention.query_key_value", lambda h, i=i: slice(h * 3 * e + i * e, h * 3 * e + (i + 1) * e))
+                c: ("attention.query_key_value", lambda h, i=i: slice(h * 3 * e + i * e, h * 3 * e + (i + 1) * e), None)
                 for i, c in enumerate("qkv")
             },
-            False,
         )
-    e = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return Layout(
-        hf.model.layers,
-        hf.model.norm,
-        "input_layernorm",
-        "post_attention_layernorm",
-        "mlp",
-        "self_attn.o_proj",
-        {c: (f"self_attn.{c}_proj", lambda h: slice(h * e, (h + 1) * e)) for c in "qkv"},
-        False,
-    )
+    return llama_like(hf)
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
@@ -94,9 +113,11 @@ class Oracle:
         """Record source ``src``'s output into ``store['out']`` as the model runs."""
         lay = self.lay
         if src == "input":
-            hook = lay.layers[0].register_forward_pre_hook(
-                lambda m, a, k: store.__setitem__("out", _first_arg(a, k).clone()), with_kwargs=True
-            )
+            hooks = [
+                lay.layers[0].register_forward_pre_hook(
+                    lambda m, a, k: store.__setitem__("out", _first_arg(a, k).clone()), with_kwargs=True
+                )
+            ]
         elif (match := re.fullmatch(r"a(\d+)\.h(\d+)", src)) is not None:
             layer, head = int(match[1]), int(match[2])
             proj = _module(lay.layers[layer], lay.out_proj)
@@ -106,44 +127,76 @@ class Oracle:
             def record(module, args):
                 z = args[0][..., columns]
                 weight = module.weight[columns, :] if lay.out_proj_is_conv1d else module.weight[:, columns].T
-                store["out"] = z @ weight
+                store["out"] = z @ weight * lay.residual_multiplier
 
-            hook = proj.register_forward_pre_hook(record)
+            def post_norm(module, args, out):  # a norm of the heads' sum scales each position: the head's share
+                store["out"] = store["out"] * (out / args[0])
+
+            hooks = [proj.register_forward_pre_hook(record)]
+            if lay.attn_post_norm is not None:
+                hooks.append(_module(lay.layers[layer], lay.attn_post_norm).register_forward_hook(post_norm))
         else:
             layer = int(re.fullmatch(r"m(\d+)", src)[1])
-            mlp = _module(lay.layers[layer], lay.mlp)
-            hook = mlp.register_forward_hook(lambda m, a, out: store.__setitem__("out", out.clone()))
+            mlp = _module(lay.layers[layer], lay.mlp_out or lay.mlp)
+
+            def record_mlp(module, args, out):
+                out = out[0] if isinstance(out, tuple) else out  # MoE blocks may return router logits too
+                store["out"] = out.clone() * lay.residual_multiplier
+
+            hooks = [mlp.register_forward_hook(record_mlp)]
         try:
             yield
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
 
     @contextmanager
     def _rewrite_destination(self, dst: str, shift):
         """Replace destination ``dst``'s input stream x by x - shift() (shift is read lazily)."""
         lay = self.lay
-        if dst == "logits" or re.fullmatch(r"m\d+", dst):
-            norm = lay.final_norm if dst == "logits" else _module(lay.layers[int(dst[1:])], lay.mlp_norm)
-            hooks = [norm.register_forward_pre_hook(lambda m, a: (a[0] - shift(),) + tuple(a[1:]))]
+        seen = {}
+
+        def remember(module, args, kwargs):
+            seen["x"] = _first_arg(args, kwargs)
+
+        if dst == "logits":
+            hooks = [lay.final_norm.register_forward_pre_hook(lambda m, a: (a[0] - shift(),) + tuple(a[1:]))]
+        elif re.fullmatch(r"m\d+", dst):
+            block = lay.layers[int(dst[1:])]
+            norm = _module(block, lay.mlp_norm) if lay.mlp_norm else None
+            mlp = _module(block, lay.mlp)
+
+            def patch_input(module, args, kwargs):  # the MLP's input from the shifted stream (its norm maybe shared)
+                patched = seen["x"] - shift()
+                patched = norm.forward(patched) if norm is not None else patched
+                return (patched,) + tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+            hooks = [
+                (norm or mlp).register_forward_pre_hook(remember, with_kwargs=True),
+                mlp.register_forward_pre_hook(patch_input, with_kwargs=True),
+            ]
         else:
             match = re.fullmatch(r"a(\d+)\.h(\d+)<([qkv])>", dst)
             layer, head, which = int(match[1]), int(match[2]), match[3]
             block = lay.layers[layer]
-            norm = _module(block, lay.attn_norm)
-            path, columns = lay.projections[which]
+            norm = _module(block, lay.attn_norm) if lay.attn_norm else None
+            path, columns, then = lay.projections[which]
             proj = _module(block, path)
-            seen = {}
-
-            def remember(module, args):
-                seen["x"] = args[0]
+            hooked = _module(block, then) if then else proj  # the module whose output is split into heads
 
             def replace(module, args, out):
-                patched = module.forward(norm.forward(seen["x"] - shift()))
+                patched = seen["x"] - shift()
+                patched = proj.forward(norm.forward(patched) if norm is not None else patched)
+                if then:
+                    patched = hooked.forward(patched)
                 out = out.clone()
                 out[..., columns(head)] = patched[..., columns(head)]
                 return out
 
-            hooks = [norm.register_forward_pre_hook(remember), proj.register_forward_hook(replace)]
+            hooks = [
+                (norm or proj).register_forward_pre_hook(remember, with_kwargs=True),
+                hooked.register_forward_hook(replace),
+            ]
         try:
             yield
         finally:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
-from transformers import GPT2Model, OPTConfig, OPTForCausalLM
+from transformers import GPT2Model, MambaConfig, MambaForCausalLM
 
 import circuits
 from circuits import model as model_module
@@ -62,12 +63,9 @@ def test_repr_is_one_line_with_the_shape():
 
 
 def test_unsupported_architecture_names_model_type_and_lists_supported():
-    hf = OPTForCausalLM(
-        OPTConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, ffn_dim=16, num_attention_heads=2)
-    )
-    with pytest.raises(
-        ValueError, match="model_type 'opt'.*gpt2, gpt_neox, llama, mistral, olmo, qwen2, qwen3, smollm3, starcoder2"
-    ):
+    hf = MambaForCausalLM(MambaConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, state_size=4))
+    supported = ", ".join(circuits.arch.supported_model_types())
+    with pytest.raises(ValueError, match=re.escape(f"model_type 'mamba'; supported model types: {supported}")):
         circuits.Model.from_hf(hf)
 
 

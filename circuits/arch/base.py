@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CircuitsError
+from .norms import norm_factor
+
 
 @dataclass
 class Context:
@@ -24,7 +27,20 @@ class Context:
 
     attention_mask: torch.Tensor  # bool [B, 1, T, T], True where a query may attend
     sliding_masks: dict[int, torch.Tensor]  # window size -> bool mask like attention_mask
-    rotary: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), each [B, T, rotary_dim]
+    # (cos, sin), each [B, T, rotary_dim]; or one such pair per kind of layer (Gemma 3: local and global bases)
+    rotary: Rotary
+
+
+Rotary = tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+
+
+def map_rotary(rotary: Rotary, function) -> Rotary:
+    """``function`` applied to every table of ``rotary`` (a pair, a dict of pairs, or None)."""
+    if rotary is None:
+        return None
+    if isinstance(rotary, dict):
+        return {kind: tuple(function(table) for table in pair) for kind, pair in rotary.items()}
+    return tuple(function(table) for table in rotary)
 
 
 def per_head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,7 +84,7 @@ class Adapter(ABC):
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The ``input`` source: ``[B, T, D]``."""
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Rotary:
         return None
 
     def qkv(self, layer: int, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,21 +170,72 @@ class Adapter(ABC):
         return Context(mask, sliding, self.rotary(hidden, position_ids))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """Scaled dot-product attention with GQA; returns per-head mixes ``z`` of shape ``[B, H, T, e]``."""
+        """Scaled dot-product attention with GQA; returns per-head mixes ``z`` of shape ``[B, H, T, e]``.
+
+        Families with soft-capped scores, an additive score bias (ALiBi) or sink logits take the written-out path.
+        """
         window = self.window(layer)
         mask = ctx.attention_mask if window is None else ctx.sliding_masks[window]
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale(layer), enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        softcap, bias, sinks = self.score_softcap(layer), self.score_bias(layer, ctx), self.sink_logits(layer)
+        if softcap is None and bias is None and sinks is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale(layer), enable_gqa=self.n_kv_heads != self.n_heads
+            )
+        if self.n_kv_heads != self.n_heads:
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2)).float() * self.scale(layer)  # [B, H, T, T]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if bias is not None:
+            scores = scores + bias
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        if sinks is None:
+            weights = scores.softmax(-1)
+        else:  # one more logit per head that takes probability mass and gives no value
+            sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+            weights = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+        return weights.to(v.dtype) @ v
+
+    def score_softcap(self, layer: int) -> float | None:
+        """Attention scores pass through ``c * tanh(s / c)`` before the softmax (Gemma 2), None for none."""
+        return None
+
+    def score_bias(self, layer: int, ctx: Context) -> torch.Tensor | None:
+        """An additive bias on the attention scores, broadcast to ``[B, H, T, T]`` (ALiBi), None for none."""
+        return None
+
+    def sink_logits(self, layer: int) -> torch.Tensor | None:
+        """Per-head logits ``[H]`` of an attention sink in the softmax's denominator (gpt-oss), None for none."""
+        return None
+
+    def post_attention_norm(self, layer: int) -> nn.Module | None:
+        """A norm applied to the attention output before it joins the stream (Gemma 2/3, OLMo 2), None for none.
+
+        Heads write to the stream additively only through its per-position factor: each head's share is its
+        output times the norm's factor at the layer's summed output (``circuits.arch.norms.norm_factor``).
+        """
+        return None
 
     def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """Each head's write to the residual stream, ``[H, B, T, D]`` (bias excluded)."""
-        return torch.einsum("bhte,hed->hbtd", z, self.out_weight(layer))
+        heads = torch.einsum("bhte,hed->hbtd", z, self.out_weight(layer))
+        norm = self.post_attention_norm(layer)
+        if norm is None:
+            return heads
+        if self.out_bias(layer) is not None:
+            raise CircuitsError(
+                f"model_type {self.config.model_type!r}: an attention output bias under a norm after attention "
+                "belongs to no head; this combination is not supported"
+            )
+        return (heads * norm_factor(norm, heads.sum(0))).to(heads.dtype)
 
     def attention_output(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """The summed attention output, bias included, as the HF module computes it."""
         batch, _, seq, _ = z.shape
-        return self.out_projection(layer)(z.transpose(1, 2).reshape(batch, seq, -1))
+        out = self.out_projection(layer)(z.transpose(1, 2).reshape(batch, seq, -1))
+        norm = self.post_attention_norm(layer)
+        return out if norm is None else norm(out)
 
     def qkv_counts(self) -> tuple[int, int, int]:
         """How many destinations read the q, k and v projections: heads, key/value groups, key/value groups."""

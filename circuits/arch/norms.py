@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import CircuitsError
+
 _VERIFIED: dict[tuple[type, str], bool] = {}  # (norm class, formula) -> reproduces autograd
 
 
@@ -28,10 +30,25 @@ def norm_input_gradients(
     blocks = (output_grads,) if isinstance(output_grads, torch.Tensor) else tuple(output_grads)
     if isinstance(norm, nn.Identity):
         return _stacked(blocks)
-    formula = _formula(norm, stream.shape[-1])
-    if formula is not None and _reproduces_autograd(norm, formula, stream):
-        return _written_out(norm, formula, stream, blocks)
+    for formula in _formulas(norm, stream.shape[-1]):
+        if _reproduces_autograd(norm, formula, stream):
+            return _written_out(norm, formula, stream, blocks)
     return _by_autograd(norm, stream, torch.cat(blocks))
+
+
+def norm_factor(norm: nn.Module, stream: torch.Tensor) -> torch.Tensor:
+    """float32 ``s`` with ``norm(x) = x * s`` for an RMS norm (``w * x / rms(x)``, w its weight or 1 + weight, or
+    none), ``[..., D]`` like ``stream``: a norm after a sum of sources is their sum's per-position scaling, so each
+    source's share of the normed output is its own output times ``s``. Other norms: a CircuitsError."""
+    for formula in _formulas(norm, stream.shape[-1]) or ("rms",):
+        if formula != "layer" and _reproduces_forward(norm, formula, stream):
+            rstd = torch.rsqrt(stream.float().pow(2).mean(-1, keepdim=True) + (_epsilon(norm) or 0.0))
+            weight = _weight(norm, formula)
+            return rstd if weight is None else weight * rstd
+    raise CircuitsError(
+        f"{type(norm).__name__} after a sum of sources is not an RMS norm (w * x / rms(x)): the sources' shares of "
+        "its output are not defined; this model is not supported"
+    )
 
 
 def _stacked(blocks: Sequence[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,16 +63,25 @@ def _stacked(blocks: Sequence[torch.Tensor], weight: torch.Tensor | None = None)
     return out
 
 
-def _formula(norm: nn.Module, width: int) -> str | None:
-    """ "layer" (mean and variance) or "rms" when ``norm`` has the parameters of one, else None."""
+def _formulas(norm: nn.Module, width: int) -> tuple[str, ...]:
+    """The written-out forms ``norm`` may have by its parameters: "layer" (mean and variance, weight w), "rms"
+    (weight w) or "rms+1" (weight 1 + w, Gemma's); none when it has other parameters."""
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
-        return None
+        return ()
     if isinstance(norm, nn.LayerNorm):
-        return "layer" if norm.normalized_shape == (width,) else None
+        return ("layer",) if norm.normalized_shape == (width,) else ()
     if getattr(norm, "bias", None) is None and isinstance(_epsilon(norm), float):
-        return "rms"
-    return None
+        return ("rms", "rms+1")
+    return ()
+
+
+def _weight(norm: nn.Module, formula: str) -> torch.Tensor | None:
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return None
+    weight = weight.detach().float()
+    return weight + 1 if formula == "rms+1" else weight
 
 
 def _epsilon(norm: nn.Module) -> float | None:
@@ -76,7 +102,7 @@ def _written_out(
         x = x - x.mean(-1, keepdim=True)
     rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _epsilon(norm))
     normalized = x * rstd  # [1, B, T, D]
-    grads = _stacked(output_grads, norm.weight.detach().float())  # [n, B, T, D], a new tensor: updated in place below
+    grads = _stacked(output_grads, _weight(norm, formula))  # [n, B, T, D], a new tensor: updated in place below
     if formula == "layer":
         grads -= grads.mean(-1, keepdim=True)
     projection = torch.einsum("nbtd,btd->nbt", grads, normalized[0]).unsqueeze(-1) / x.shape[-1]
@@ -90,6 +116,22 @@ def _by_autograd(norm: nn.Module, stream: torch.Tensor, output_grads: torch.Tens
         normed = norm(leaf)
         (grads,) = torch.autograd.grad(normed, leaf, output_grads.unsqueeze(1), is_grads_batched=True)
     return grads.squeeze(1).float()
+
+
+def _reproduces_forward(norm: nn.Module, formula: str, stream: torch.Tensor) -> bool:
+    """Does ``norm`` compute the RMS ``formula`` (checked once per class and formula)?"""
+    key = (type(norm), formula + " forward")
+    if key not in _VERIFIED:
+        generator = torch.Generator().manual_seed(0)
+        probe = (torch.randn((2, 3, stream.shape[-1]), generator=generator) * 3 + 1).to(stream.device, stream.dtype)
+        with torch.no_grad():
+            expected = norm(probe).float()
+            rstd = torch.rsqrt(probe.float().pow(2).mean(-1, keepdim=True) + (_epsilon(norm) or 0.0))
+            weight = _weight(norm, formula)
+            got = probe.float() * (rstd if weight is None else weight * rstd)
+        tolerance = 1e-4 if stream.dtype == torch.float32 else 5e-2
+        _VERIFIED[key] = bool(torch.allclose(got, expected, rtol=0, atol=tolerance * float(expected.abs().max())))
+    return _VERIFIED[key]
 
 
 def _reproduces_autograd(norm: nn.Module, formula: str, stream: torch.Tensor) -> bool:
