@@ -234,13 +234,13 @@ def _load_model(args: argparse.Namespace, name: str, named_by: Path | None = Non
     """The model ``name`` on ``--device`` (checked first: any unavailable backend is a one-line error). A local
     folder is named by its absolute path, which the circuit meta and summary keep so that ``circuits evaluate``
     finds it from any folder. ``named_by``: the circuit file that named the model (its errors say: pass --model)."""
-    from .model import SMOLLM2, load_model, resolve_device
+    from .model import BUNDLED, load_model, resolve_device
 
     placement = _placement_arguments(args)
     device = None if placement else resolve_device(args.device)
     if not placement and args.device is None and distributed.active():
         device = distributed.device()  # cuda:LOCAL_RANK under NCCL, else the CPU
-    if name != SMOLLM2 and Path(name).exists():
+    if name not in BUNDLED and Path(name).exists():
         name = str(Path(name).resolve())
     if args.quiet:
         from transformers.utils import logging as transformers_logging
@@ -457,12 +457,17 @@ def run_tasks(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from .arch import supported_model_types
+    from .arch import ADAPTERS, supported_model_types
     from .model import BUNDLED
 
+    print("bundled (offline):")
     for name, description in BUNDLED.items():
-        print(f"{name}  {description}")
-    print(f"any HF id or local directory of model type: {', '.join(supported_model_types())}")
+        print(f"  {name}  {description}")
+    print("any HF id or local directory of these model types:")
+    types = supported_model_types()
+    width = max(map(len, types))
+    for model_type in types:
+        print(f"  {model_type:<{width}}  {ADAPTERS[model_type].model_types[model_type]}")
     from . import ground_truth
 
     names = ground_truth.available()

@@ -2,6 +2,7 @@
 
     make results            # = .venv/bin/python results/run.py
     .venv/bin/python results/run.py --tasks ioi sva --force
+    .venv/bin/python results/run.py --model gemma3-270m --tasks ioi greater_than   # into results/gemma3-270m/
 
 Each run is `circuits discover` into results/<task>/<method>/ (circuit.json, scores.csv, figures,
 summary.json, summary.md). git holds all but scores.csv (every edge's score, ~4 MB a run): a run is
@@ -28,7 +29,7 @@ from circuits.io import atomic_write_text
 from circuits.pipeline import write_summary
 
 HERE = Path(__file__).resolve().parent
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # its runs live in results/<task>/; another bundled model's in results/<model>/<task>/
 N = 32
 TOP_N = 200
 ACDC = {"threshold": 0.02, "metric": "logit_diff", "candidates": 300}
@@ -42,13 +43,17 @@ RUNS = {
 COLUMNS = ["task", "method", "edges", "nodes", "faithfulness", "CPR", "CMD", "seconds", "load", "figures"]
 
 
-def run(task: str, name: str, force: bool) -> None:
-    out = HERE / task / name
+def root(model: str) -> Path:
+    return HERE if model == MODEL else HERE / model
+
+
+def run(model: str, task: str, name: str, force: bool) -> None:
+    out = root(model) / task / name
     if (out / "summary.json").exists() and (out / "scores.csv").exists() and not force:
         print(f"{task} / {name}: done before, skipped (--force reruns it)")
         return
     print(f"{task} / {name}", flush=True)
-    argv = ["discover", "--model", MODEL, "--device", "cpu", "--task", task, "--n", str(N), *RUNS[name]]
+    argv = ["discover", "--model", model, "--device", "cpu", "--task", task, "--n", str(N), *RUNS[name]]
     load_before = os.getloadavg()[0]
     status = circuits_main([*argv, "--out", str(out)])
     if status != 0:
@@ -59,13 +64,14 @@ def run(task: str, name: str, force: bool) -> None:
     write_summary(out, summary)
 
 
-def table() -> pd.DataFrame:
+def table(model: str) -> pd.DataFrame:
     rows = []
+    here = root(model)
     done = [
-        (task, name) for task in tasks.available() for name in RUNS if (HERE / task / name / "summary.json").exists()
+        (task, name) for task in tasks.available() for name in RUNS if (here / task / name / "summary.json").exists()
     ]
     for task, name in done:
-        summary = json.loads((HERE / task / name / "summary.json").read_text())
+        summary = json.loads((here / task / name / "summary.json").read_text())
         curve = summary["curves"].get(summary["method"]) if "acdc_threshold" not in summary else None
         folder = f"{task}/{name}"
         if "eap" in summary["curves"] and name != "acdc":
@@ -92,14 +98,14 @@ def table() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def readme(frame: pd.DataFrame) -> str:
+def readme(frame: pd.DataFrame, model: str) -> str:
     def cell(value, digits: int = 3) -> str:
         return "—" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
     lines = [
         "# Reference results",
         "",
-        f"Every catalogue task on the bundled SmolLM2-135M (fp32, CPU), {N} examples each (seed 0), patching",
+        f"Catalogue tasks on the bundled {model} (fp32, CPU), {N} examples each (seed 0), patching",
         "ablation, logit-difference metric. Each row is one `circuits discover` run; its folder holds circuit.json",
         "(the circuit's own edges with their scores), the figures and summary.json/summary.md. Every edge's score",
         "(scores.csv, about 4 MB a run) is not kept in git: `make results` rebuilds it, rerunning each run whose",
@@ -130,11 +136,16 @@ def readme(frame: pd.DataFrame) -> str:
             f"| {cell(row.CMD)} | {cell(row.seconds, 0)} | {cell(row.load, 1)} | {row.figures} |"
         )
     done = {
-        (task, name) for task in tasks.available() for name in RUNS if (HERE / task / name / "summary.json").exists()
+        (task, name)
+        for task in tasks.available()
+        for name in RUNS
+        if (root(model) / task / name / "summary.json").exists()
     }
     missing = [f"{task} / {name}" for task in tasks.available() for name in RUNS if (task, name) not in done]
-    if missing:
+    if missing and model == MODEL:
         lines += ["", f"Not run yet (`make results` runs them): {', '.join(missing)}."]
+    if model != MODEL:  # the discussion below is of SmolLM2's runs
+        return "\n".join([*lines, "", "Task baselines: [baselines.csv](baselines.csv).", ""])
     lines += [
         "",
         "## ACDC's candidates",
@@ -162,13 +173,14 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(tasks.available()), choices=list(tasks.available()))
     parser.add_argument("--methods", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--force", action="store_true", help="rerun finished runs")
+    parser.add_argument("--model", default=MODEL, help=f"a bundled model (default {MODEL})")
     args = parser.parse_args()
     for name in args.methods:  # every task's EAP-IG run first: ACDC takes longest
         for task in args.tasks:
-            run(task, name, args.force)
-    frame = table()
-    atomic_write_text(HERE / "README.md", readme(frame))
-    atomic_write_text(HERE / "table.csv", frame.drop(columns="figures").to_csv(index=False))
+            run(args.model, task, name, args.force)
+    frame = table(args.model)
+    atomic_write_text(root(args.model) / "README.md", readme(frame, args.model))
+    atomic_write_text(root(args.model) / "table.csv", frame.drop(columns="figures").to_csv(index=False))
     print(frame.drop(columns="figures").to_string(index=False))
 
 

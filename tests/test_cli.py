@@ -265,10 +265,13 @@ def test_tasks_lists_the_catalogue_one_line_each(capsys):
     assert [line.split()[0] for line in lines] == list(tasks.available())
 
 
-def test_models_lists_the_bundled_model_and_architectures(capsys):
+def test_models_lists_the_bundled_model_and_every_model_type_with_its_variants(capsys):
     assert main(["models"]) == 0
-    out = capsys.readouterr().out
-    assert "smollm2-135m" in out and "llama" in out and "gpt2" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[0] == "smollm2-135m" for line in lines if line.strip())
+    listed = {line.split()[0]: line for line in lines if line.startswith("  ")}
+    for model_type in circuits.arch.supported_model_types():
+        assert model_type in listed and len(listed[model_type].split()) > 1, model_type
 
 
 def test_python_dash_m_circuits_runs_the_command():

@@ -60,7 +60,8 @@ def split_heads(y: torch.Tensor, n_heads: int) -> torch.Tensor:
 class Adapter(ABC):
     """Base class: subclasses set the structural fields and the module accessors."""
 
-    model_types: tuple[str, ...] = ()
+    # model_type -> the variants of it this adapter covers (what `circuits models` lists)
+    model_types: dict[str, str] = {}
     # The config field that bounds the sequence length (learned positions, or the rotary models' declared
     # maximum); None, a missing field or 0 means no limit.
     position_limit: str | None = None

@@ -9,7 +9,7 @@ from .base import Adapter, Context, per_head_linear, split_heads
 
 
 class GPT2Adapter(Adapter):
-    model_types = ("gpt2",)
+    model_types = {"gpt2": "GPT-2 (learned positions, fused Conv1D q/k/v, scaled by layer index if configured)"}
     position_limit = "n_positions"
 
     def __init__(self, hf: nn.Module):

@@ -15,7 +15,15 @@ from .base import Adapter, Context, per_head_linear, rotary_function, split_head
 
 
 class LlamaAdapter(Adapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "starcoder2")
+    model_types = {
+        "llama": "Llama 2/3, SmolLM2 (RMSNorm, rotary, grouped-query attention)",
+        "mistral": "Mistral (one sliding window for every layer)",
+        "qwen2": "Qwen2, Qwen2.5 (q/k/v biases; sliding windows per layer type)",
+        "qwen3": "Qwen3 (per-head q/k RMSNorms)",
+        "smollm3": "SmolLM3 (layers without rotary positions)",
+        "olmo": "OLMo 1 (weightless LayerNorms, q/k/v clipped to +-clip_qkv)",
+        "starcoder2": "StarCoder2 (LayerNorms and biases, a sliding window, two-matrix MLP)",
+    }
     position_limit = "max_position_embeddings"
 
     def __init__(self, hf: nn.Module):

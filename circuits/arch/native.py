@@ -17,7 +17,7 @@ from .base import Adapter, Context, per_head_linear
 
 
 class NativeAdapter(Adapter):
-    model_types = ("circuits-native",)
+    model_types = {"circuits-native": "circuits.native models (tracr-compiled, toy; causal or bidirectional)"}
     position_limit = "n_positions"
     placeable = False  # the unembedding is the root module's own W_U: native models run on one device
 

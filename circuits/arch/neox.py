@@ -13,7 +13,7 @@ from .base import Adapter, Context, per_head_linear, rotary_function
 
 
 class NeoXAdapter(Adapter):
-    model_types = ("gpt_neox",)
+    model_types = {"gpt_neox": "GPT-NeoX, Pythia (parallel or sequential blocks, partial rotary, fused q/k/v per head)"}
     position_limit = "max_position_embeddings"
 
     def __init__(self, hf: nn.Module):
