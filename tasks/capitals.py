@@ -3,6 +3,9 @@
 The corrupted prompt names another country ("The capital of Spain is"), and the wrong answer is that
 country's capital (" Madrid"): the logit difference measures which country the model looked up.
 Capitals must be one token; a country may be several, as long as both countries of a pair are as long.
+
+Checked with the tokenizers of SmolLM2-135M (30 of the 33 capitals are one token) and Gemma-3-270m (all 33; it adds
+``<bos>``), the tests' word stand-in, and none: 128 examples, seeds 0 and 1.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ TEMPLATES = [
 def generate(tokenizer=None, n: int = 64, seed: int = 0):
     tokens = Tokens(tokenizer)
     countries = [country for country, capital in CAPITALS.items() if tokens.single(" " + capital)]
-    enough("capitals", "capitals", countries, 2)
+    enough("capitals", "capitals", countries, 2, tokens)
 
     def draw(rng):
         template = rng.choice(TEMPLATES)

@@ -14,6 +14,9 @@ ones would be an easy distractor, ruled out by the docstring itself).
 
 The corrupted prompt renames every parameter, in the signature and in the docstring, to other names: it is
 an equally plausible function, but nothing in it points to either answer.
+
+Checked with the tokenizers of SmolLM2-135M and Gemma-3-270m (all 40 parameter names are one token under both;
+Gemma adds ``<bos>``), the tests' word stand-in, and none: 128 examples, seeds 0 and 1.
 '''
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def _prompt(function: str, parameters: list[str], documented: int, descriptions:
 def generate(tokenizer=None, n: int = 64, seed: int = 0):
     tokens = Tokens(tokenizer)
     names = tokens.singles(PARAMETERS)
-    enough("docstring", "parameter names", names, 10)
+    enough("docstring", "parameter names", names, 10, tokens)
 
     def draw(rng):
         count = rng.randint(3, 5)

@@ -2,6 +2,9 @@
 
 The corrupted prompt puts a name of the other gender in the same place (names are single tokens, so the
 pair stays the same length); the answer is the pronoun of the clean name, the wrong answer the other.
+
+Checked with the tokenizers of SmolLM2-135M and Gemma-3-270m (" he", " she" and the names are one token; Gemma
+adds ``<bos>``), the tests' word stand-in, and none: 128 examples, seeds 0 and 1.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def generate(tokenizer=None, n: int = 64, seed: int = 0):
     tokens = Tokens(tokenizer)
     names = {"male": tokens.singles(_names.MALE), "female": tokens.singles(_names.FEMALE)}
     for gender, pool in names.items():
-        enough("gendered_pronoun", f"{gender} names", pool, 1)
+        enough("gendered_pronoun", f"{gender} names", pool, 1, tokens)
 
     def draw(rng):
         template = rng.choice(TEMPLATES)

@@ -3,20 +3,25 @@
 The corrupted prompt starts in the century's year 01 ("... from the year 1701 ..."), where every ending is later.
 What comes next depends on how the tokenizer writes years:
 
-* digit by digit (SmolLM2, Llama 3, tokenizer=None): the next token is the end year's tens digit. The answers
+* digit by digit (SmolLM2, Gemma 3, tokenizer=None): the next token is the end year's tens digit. The answers
   are the digits above the start year's tens digit, the wrong answers those below; the start year's own
   digit is neither (the end year could fall in the same decade). Start years have tens digit 1 to 8.
 * two digits at a time (GPT-2): the classic answers, the two-digit endings YY+1..99, the wrong answers 00..YY-1,
   each kept only if it is one token. Start years run 02..98.
 
 Answers are sets; ``logit_diff`` compares the mean logit of each set, accuracy the best of each.
+
+Checked with the tokenizers of SmolLM2-135M and Gemma-3-270m (both digit by digit; Gemma writes " 1745" as
+"▁", "1", "7", "4", "5" after its ``<bos>``), the tests' word stand-in (two digits a token), and none: 128
+examples, seeds 0 and 1. Any other way of writing years (three digits a token, as Llama 3's tokenizer does) is a
+``CircuitsError`` before anything runs.
 """
 
 from __future__ import annotations
 
 from circuits.errors import CircuitsError
 
-from ._common import Example, Tokens, build
+from ._common import Example, Tokens, build, under
 
 DESCRIPTION = "greater-than: 'The war lasted from the year 1745 to the year 17' -> a year after 1745"
 
@@ -38,7 +43,10 @@ def year_scheme(tokenizer) -> str:
         return "digits"
     if pieces[-1:] == ["45"] and "".join(pieces) == "1745":
         return "pairs"
-    raise CircuitsError(f"greater_than: cannot handle a tokenizer that writes ' 1745' as {pieces}")
+    raise CircuitsError(
+        f"{under('greater_than', tokenizer)}: the template needs years written one digit a token or two digits a "
+        f"token (the end year's next digits as one answer token), but ' 1745' is {pieces}"
+    )
 
 
 def generate(tokenizer=None, n: int = 64, seed: int = 0):

@@ -4,6 +4,9 @@
 (the subject, named twice). Half the prompts name the indirect object first (ABBA), half the subject (BABA).
 The corrupted prompt is the same sentence with three other names, all different (the "ABC" corruption),
 so that nothing in it points at either answer; the answers stay those of the clean prompt.
+
+Checked with the tokenizers of SmolLM2-135M (79 of the 80 names are one token) and Gemma-3-270m (all 80; it
+adds ``<bos>``), the tests' GPT-2-like word stand-in, and none: 128 examples, seeds 0 and 1.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ THINGS = ["drink", "book", "ring", "ball", "bag", "letter", "gift", "cake", "pen
 def generate(tokenizer=None, n: int = 64, seed: int = 0):
     tokens = Tokens(tokenizer)
     names = tokens.singles(_names.ALL)
-    enough("ioi", "names", names, 5)
+    enough("ioi", "names", names, 5, tokens)
 
     def draw(rng):
         template = rng.choice(TEMPLATES)

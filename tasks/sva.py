@@ -4,6 +4,9 @@ The subject is singular or plural, often followed by a prepositional phrase whos
 has the other number or the same one at random. The corrupted prompt swaps the subject for its other
 number ("key" for "keys"), so the verb that agreed with the clean subject no longer does. Each example
 asks for " is"/" are" or " was"/" were".
+
+Checked with the tokenizers of SmolLM2-135M and Gemma-3-270m (all 34 noun pairs are one token a word under both;
+Gemma adds ``<bos>``), the tests' word stand-in, and none: 128 examples, seeds 0 and 1.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ VERBS = [(" is", " are"), (" was", " were")]
 def generate(tokenizer=None, n: int = 64, seed: int = 0):
     tokens = Tokens(tokenizer)
     nouns = [pair for pair in NOUNS if all(tokens.single(" " + word) for word in pair)]
-    enough("sva", "singular/plural noun pairs", nouns, 2)
+    enough("sva", "singular/plural noun pairs", nouns, 2, tokens)
 
     def draw(rng):
         template = rng.choice(TEMPLATES)

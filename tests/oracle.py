@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -51,8 +52,141 @@ def llama_like(hf: nn.Module, **overrides) -> Layout:
     return Layout(**(fields | overrides))
 
 
+def _whole_projection_qk_norms(hf: nn.Module) -> dict:
+    """OLMo 2 / OLMoE: q_norm and k_norm over the whole q and k projections, before heads are split."""
+    cfg = hf.config
+    e = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    norms = {"q": "self_attn.q_norm", "k": "self_attn.k_norm", "v": None}
+    return {c: (f"self_attn.{c}_proj", lambda h: slice(h * e, (h + 1) * e), norms[c]) for c in "qkv"}
+
+
+# Gemma 2/3: a norm on the attention output, and norms before and after the MLP (the MLP's write is the latter's)
+_GEMMA_SANDWICH = dict(
+    attn_post_norm="post_attention_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    mlp_out="post_feedforward_layernorm",
+)
+
+
+def _separate_projections(attn: str, e: int) -> dict:
+    """q/k/v from separate ``{attn}.{q,k,v}_proj`` modules, heads ``e`` columns wide (GPT-J, GPT-Neo, OPT)."""
+    return {c: (f"{attn}.{c}_proj", lambda h: slice(h * e, (h + 1) * e), None) for c in "qkv"}
+
+
+def _phi3_projections(hf: nn.Module) -> dict:
+    """Phi-3's fused ``qkv_proj``: the rows of every query head, then of every key head, then of every value head."""
+    cfg = hf.config
+    e = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    offsets = {"q": 0, "k": cfg.num_attention_heads * e, "v": (cfg.num_attention_heads + cfg.num_key_value_heads) * e}
+    rows = {c: lambda h, o=o: slice(o + h * e, o + (h + 1) * e) for c, o in offsets.items()}
+    return {c: ("self_attn.qkv_proj", rows[c], None) for c in "qkv"}
+
+
+def _gptj_like(hf: nn.Module, attn: str, mlp_norm: str) -> Layout:
+    body, e = hf.transformer, hf.config.hidden_size // hf.config.num_attention_heads
+    return Layout(body.h, body.ln_f, "ln_1", mlp_norm, "mlp", f"{attn}.out_proj", _separate_projections(attn, e))
+
+
+def _grouped_fused(path: str, n_heads: int, n_groups: int, e: int) -> dict:
+    """One fused q/k/v output laid out per key/value group: the group's query heads, then its key, then its value
+    (one group per head: [q, k, v] per head; one group: [all queries | k | v])."""
+    per = n_heads // n_groups
+
+    def query(h):
+        start = ((h // per) * (per + 2) + h % per) * e
+        return slice(start, start + e)
+
+    def key_value(offset):
+        return lambda g: slice((g * (per + 2) + per + offset) * e, (g * (per + 2) + per + offset + 1) * e)
+
+    return {"q": (path, query, None), "k": (path, key_value(0), None), "v": (path, key_value(1), None)}
+
+
+def _head_dim(hf: nn.Module) -> int:
+    return hf.config.hidden_size // hf.config.num_attention_heads
+
+
+def _falcon(hf: nn.Module) -> Layout:
+    cfg = hf.config
+    h, e, new = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.new_decoder_architecture
+    groups = cfg.num_kv_heads if new else 1 if cfg.multi_query else h
+    if new and cfg.num_ln_in_parallel_attn != 1:
+        norms = ("ln_attn", "ln_mlp")
+    elif new or cfg.parallel_attn:
+        norms = ("input_layernorm", "input_layernorm")
+    else:
+        norms = ("input_layernorm", "post_attention_layernorm")
+    qkv = _grouped_fused("self_attention.query_key_value", h, groups, e)
+    return Layout(hf.transformer.h, hf.transformer.ln_f, *norms, "mlp", "self_attention.dense", qkv)
+
+
 # model_type -> its layout, for the families that differ from the Llama family's
-LAYOUTS = {}
+LAYOUTS = {
+    "gemma2": lambda hf: llama_like(hf, **_GEMMA_SANDWICH),
+    "gemma3_text": lambda hf: llama_like(hf, **_GEMMA_SANDWICH),
+    # the multimodal Gemma 3 on text: its language model's layout
+    "gemma3": lambda hf: llama_like(
+        SimpleNamespace(config=hf.config.text_config, model=hf.model.language_model), **_GEMMA_SANDWICH
+    ),
+    "olmo2": lambda hf: llama_like(
+        hf,
+        attn_norm=None,
+        mlp_norm=None,
+        projections=_whole_projection_qk_norms(hf),
+        attn_post_norm="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+    ),
+    "olmoe": lambda hf: llama_like(hf, projections=_whole_projection_qk_norms(hf)),
+    "granite": lambda hf: llama_like(hf, residual_multiplier=hf.config.residual_multiplier),
+    "cohere": lambda hf: llama_like(hf, mlp_norm="input_layernorm"),
+    "stablelm": lambda hf: llama_like(
+        hf, mlp_norm="input_layernorm" if hf.config.use_parallel_residual else "post_attention_layernorm"
+    ),
+    "phi": lambda hf: Layout(
+        hf.model.layers,
+        hf.model.final_layernorm,
+        "input_layernorm",
+        "input_layernorm",
+        "mlp",
+        "self_attn.dense",
+        _separate_projections("self_attn", hf.config.hidden_size // hf.config.num_attention_heads),
+    ),
+    "phi3": lambda hf: llama_like(hf, projections=_phi3_projections(hf)),
+    "gptj": lambda hf: _gptj_like(hf, "attn", mlp_norm="ln_1"),
+    "gpt_neo": lambda hf: _gptj_like(hf, "attn.attention", mlp_norm="ln_2"),
+    # the MLP is fc1/fc2 of the decoder layer, run on the flattened [B*T, D] stream
+    "opt": lambda hf: Layout(
+        hf.model.decoder.layers,
+        hf.model.decoder.final_layer_norm,
+        "self_attn_layer_norm",
+        "final_layer_norm",
+        "fc1",
+        "self_attn.out_proj",
+        _separate_projections("self_attn", hf.config.hidden_size // hf.config.num_attention_heads),
+        mlp_out="fc2",
+    ),
+    "falcon": _falcon,
+    # the MLP module adds the residual stream to its output: its write is dense_4h_to_h's output
+    "bloom": lambda hf: Layout(
+        hf.transformer.h,
+        hf.transformer.ln_f,
+        "input_layernorm",
+        "post_attention_layernorm",
+        "mlp",
+        "self_attention.dense",
+        _grouped_fused("self_attention.query_key_value", hf.config.n_head, hf.config.n_head, _head_dim(hf)),
+        mlp_out="mlp.dense_4h_to_h",
+    ),
+    "gpt_bigcode": lambda hf: Layout(
+        hf.transformer.h,
+        hf.transformer.ln_f,
+        "ln_1",
+        "ln_2",
+        "mlp",
+        "attn.c_proj",
+        _grouped_fused("attn.c_attn", hf.config.n_head, hf.config.num_key_value_heads, _head_dim(hf)),
+    ),
+}
 
 
 def layout(hf: nn.Module) -> Layout:
@@ -106,7 +240,8 @@ class Oracle:
 
     def __init__(self, hf: nn.Module):
         self.hf, self.cfg, self.lay = hf, hf.config, layout(hf)
-        self.n_heads = getattr(self.cfg, "num_attention_heads", None) or self.cfg.n_head
+        text = getattr(self.cfg, "text_config", None) or self.cfg  # a multimodal model's language model
+        self.n_heads = getattr(text, "num_attention_heads", None) or text.n_head
 
     @contextmanager
     def _capture_source(self, src: str, store: dict):
@@ -139,11 +274,18 @@ class Oracle:
             layer = int(re.fullmatch(r"m(\d+)", src)[1])
             mlp = _module(lay.layers[layer], lay.mlp_out or lay.mlp)
 
+            def record_stream_shape(module, args, kwargs):
+                store["shape"] = _first_arg(args, kwargs).shape
+
             def record_mlp(module, args, out):
                 out = out[0] if isinstance(out, tuple) else out  # MoE blocks may return router logits too
-                store["out"] = out.clone() * lay.residual_multiplier
+                # in the stream's [B, T, D] shape (OPT runs its MLP on the flattened [B*T, D] stream)
+                store["out"] = out.clone().reshape(store["shape"]) * lay.residual_multiplier
 
-            hooks = [mlp.register_forward_hook(record_mlp)]
+            hooks = [
+                lay.layers[layer].register_forward_pre_hook(record_stream_shape, with_kwargs=True),
+                mlp.register_forward_hook(record_mlp),
+            ]
         try:
             yield
         finally:
@@ -167,7 +309,7 @@ class Oracle:
             mlp = _module(block, lay.mlp)
 
             def patch_input(module, args, kwargs):  # the MLP's input from the shifted stream (its norm maybe shared)
-                patched = seen["x"] - shift()
+                patched = seen["x"] - shift().reshape(seen["x"].shape)  # OPT: the flattened stream
                 patched = norm.forward(patched) if norm is not None else patched
                 return (patched,) + tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}
 

@@ -234,3 +234,104 @@ def test_smollm2_does_ioi(smollm2):
     baseline = tasks.get("ioi", smollm2.tokenizer, n=64).baseline(smollm2)
     assert baseline.clean > 3.5 and baseline.corrupted < 1
     assert baseline.accuracy > 0.9
+
+
+# --- per-tokenizer assumptions: clear one-line errors that name the task and the tokenizer ----------------------
+
+
+class BosWordTokenizer(WordTokenizer):
+    """The word stand-in with a beginning-of-sequence token in front of every prompt, as Gemma's tokenizer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.vocab["<bos>"] = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": [0] + ids if add_special_tokens else ids}
+
+
+class ThreeDigitTokenizer(WordTokenizer):
+    """Numbers three digits a token: ' 1745' is ' 174', '5'."""
+
+    PATTERN = re.compile(r" ?[A-Za-z]+| ?\d{1,3}| ?[^\sA-Za-z\d]+|\s+")
+
+
+class SplitSheTokenizer(WordTokenizer):
+    """' she' is two tokens."""
+
+    PATTERN = re.compile(r" sh(?=e\b)| ?[A-Za-z]+| ?\d{1,2}| ?[^\sA-Za-z\d]+|\s+")
+
+
+class WordPairTokenizer(WordTokenizer):
+    """Two words in a row make one token: every word is one token alone, but not in a sequence."""
+
+    PATTERN = re.compile(r"(?: ?[A-Za-z]+){1,2}| ?\d{1,2}| ?[^\sA-Za-z\d]+|\s+")
+
+
+def one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_task_fits_a_tokenizer_that_adds_a_bos_token(name):
+    tokenizer = BosWordTokenizer()
+    assert len(tasks.get(name, tokenizer, n=16).tokenize(tokenizer)) == 16
+
+
+def test_induction_counts_words_without_the_bos_token():
+    tokenizer = BosWordTokenizer()
+    for prompt in tasks.get("induction", tokenizer, n=16).clean:
+        assert len(tokenizer(prompt)["input_ids"]) == len(prompt.split()) + 1
+
+
+def test_greater_than_under_a_tokenizer_with_other_year_pieces_names_the_task_tokenizer_and_pieces():
+    with pytest.raises(circuits.CircuitsError) as error:
+        tasks.get("greater_than", ThreeDigitTokenizer(), n=4)
+    message = one_line(error)
+    assert message.startswith("task 'greater_than' under ThreeDigitTokenizer: ")
+    assert "one digit a token or two digits a token" in message and "' 1745' is ['174', '5']" in message
+
+
+def test_an_answer_that_is_several_tokens_is_named_with_its_pieces():
+    with pytest.raises(circuits.CircuitsError) as error:
+        tasks.get("gendered_pronoun", SplitSheTokenizer(), n=4)
+    message = one_line(error)
+    assert message.startswith("task 'gendered_pronoun' under SplitSheTokenizer: only 0 of the 4 examples")
+    assert "an answer is not one token, e.g. ' she' -> [' sh', 'e']" in message
+
+
+def test_induction_under_a_tokenizer_that_merges_words_says_so():
+    with pytest.raises(circuits.CircuitsError) as error:
+        tasks.get("induction", WordPairTokenizer(), n=4)
+    message = one_line(error)
+    assert message.startswith("task 'induction' under WordPairTokenizer: ")
+    assert "the words do not tokenize one token a word in sequence" in message
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if name != "greater_than"])
+def test_too_few_single_tokens_names_the_task_and_the_tokenizer(name):
+    with pytest.raises(circuits.CircuitsError) as error:
+        tasks.get(name, CharacterTokenizer(), n=4)
+    assert one_line(error).startswith(f"task {name!r} under CharacterTokenizer: only ")
+
+
+def test_pairs_of_different_lengths_are_named_with_an_example():
+    from circuits.tasks._common import Example, Tokens, build
+
+    with pytest.raises(circuits.CircuitsError) as error:
+        build("demo", 3, 0, Tokens(WordTokenizer()), lambda rng: Example("a b c", "a bc", " x", " y"))
+    message = one_line(error)
+    assert message.startswith("task 'demo' under WordTokenizer: only 0 of the 3 examples")
+    assert "tokenize to different lengths, e.g. 'a b c' (3 tokens) vs 'a bc' (2)" in message
+
+
+def test_the_tokenizer_is_named_with_where_it_was_loaded_from():
+    from circuits.tasks._common import describe
+
+    tokenizer = CharacterTokenizer()
+    tokenizer.name_or_path = "/cache/gemma3-270m"
+    assert describe(tokenizer) == "CharacterTokenizer('/cache/gemma3-270m')"
+    assert describe(None) == "no tokenizer"

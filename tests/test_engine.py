@@ -133,7 +133,9 @@ def test_source_outputs_sum_to_the_final_residual_stream(tiny, pair):
         (b for b in (tiny.adapter.out_bias(layer) for layer in range(tiny.graph.n_layers)) if b is not None),
         torch.zeros(outputs.shape[-1]),
     )
-    assert torch.allclose(outputs.sum(0) + constant, captured["x"], atol=ATOL)
+    # at real positions: padding's content is the model's own business (OPT gives it a position of its own)
+    real = mask.bool()
+    assert torch.allclose((outputs.sum(0) + constant)[real], captured["x"][real], atol=ATOL)
 
 
 def test_grad_hook_gives_destination_input_gradients(tiny, pair):

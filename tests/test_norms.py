@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers.models.cohere.modeling_cohere import CohereLayerNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from circuits.arch import norms
@@ -48,6 +49,7 @@ def random_norm(kind: str) -> nn.Module:
     norm = {
         "layer": lambda: nn.LayerNorm(WIDTH),
         "rms": lambda: LlamaRMSNorm(WIDTH, eps=1e-6),
+        "layer-without-bias": lambda: CohereLayerNorm(WIDTH, eps=1e-5),
         "one-plus-weight": lambda: OnePlusWeightRMSNorm(WIDTH),
         "other": lambda: CubeRootNorm(WIDTH),
     }[kind]()
@@ -56,7 +58,7 @@ def random_norm(kind: str) -> nn.Module:
     return norm
 
 
-@pytest.mark.parametrize("kind", ["layer", "rms", "one-plus-weight", "other"])
+@pytest.mark.parametrize("kind", ["layer", "rms", "layer-without-bias", "one-plus-weight", "other"])
 def test_gradients_at_the_norm_input_equal_one_backward_per_destination(kind):
     norm = random_norm(kind)
     stream, grads = torch.randn(1, 3, 5, WIDTH) * 2 + 0.5, torch.randn(7, 3, 5, WIDTH)
@@ -66,7 +68,8 @@ def test_gradients_at_the_norm_input_equal_one_backward_per_destination(kind):
 
 
 @pytest.mark.parametrize(
-    ("kind", "written_out"), [("layer", True), ("rms", True), ("one-plus-weight", True), ("other", False)]
+    ("kind", "written_out"),
+    [("layer", True), ("rms", True), ("layer-without-bias", True), ("one-plus-weight", True), ("other", False)],
 )
 def test_a_formula_is_used_only_for_a_norm_it_reproduces(kind, written_out, monkeypatch):
     calls = []

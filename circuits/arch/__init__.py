@@ -6,14 +6,45 @@ from torch import nn
 
 from ..errors import CircuitsError
 from .base import Adapter, Context
+from .bigcode import GPTBigCodeAdapter
+from .bloom import BloomAdapter
+from .falcon import FalconAdapter
+from .gemma import GemmaAdapter
 from .gpt2 import GPT2Adapter
+from .gptj import GPTJAdapter, GPTNeoAdapter
 from .llama import LlamaAdapter
+from .llama_variants import CohereAdapter, GraniteAdapter, StableLmAdapter
+from .moe import GptOssAdapter, MoEAdapter
 from .native import NativeAdapter
 from .neox import NeoXAdapter
+from .olmo import Olmo2Adapter, OlmoeAdapter
+from .opt import OPTAdapter
+from .phi import Phi3Adapter, PhiAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     model_type: adapter
-    for adapter in (GPT2Adapter, LlamaAdapter, NeoXAdapter, NativeAdapter)
+    for adapter in (
+        GPT2Adapter,
+        LlamaAdapter,
+        NeoXAdapter,
+        NativeAdapter,
+        Olmo2Adapter,
+        OlmoeAdapter,
+        GraniteAdapter,
+        CohereAdapter,
+        StableLmAdapter,
+        MoEAdapter,
+        GptOssAdapter,
+        GemmaAdapter,
+        PhiAdapter,
+        Phi3Adapter,
+        GPTJAdapter,
+        GPTNeoAdapter,
+        OPTAdapter,
+        FalconAdapter,
+        BloomAdapter,
+        GPTBigCodeAdapter,
+    )
     for model_type in adapter.model_types
 }
 

@@ -65,14 +65,14 @@ def _stacked(blocks: Sequence[torch.Tensor], weight: torch.Tensor | None = None)
 
 def _formulas(norm: nn.Module, width: int) -> tuple[str, ...]:
     """The written-out forms ``norm`` may have by its parameters: "layer" (mean and variance, weight w), "rms"
-    (weight w) or "rms+1" (weight 1 + w, Gemma's); none when it has other parameters."""
+    (weight w) or "rms+1" (weight 1 + w, Gemma's), each verified before use; none when it has other parameters."""
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
         return ()
     if isinstance(norm, nn.LayerNorm):
         return ("layer",) if norm.normalized_shape == (width,) else ()
     if getattr(norm, "bias", None) is None and isinstance(_epsilon(norm), float):
-        return ("rms", "rms+1")
+        return ("rms", "rms+1", "layer")  # "layer": a LayerNorm without a bias (Cohere's)
     return ()
 
 
