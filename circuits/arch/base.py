@@ -57,6 +57,16 @@ def split_heads(y: torch.Tensor, n_heads: int) -> torch.Tensor:
     return y.view(batch, seq, n_heads, -1).transpose(1, 2)
 
 
+def project_heads(part: torch.Tensor, linear: nn.Linear, n: int) -> torch.Tensor:
+    """``n`` heads ``[B, n, T, e]`` of ``linear``'s output from ``part``: ``[1, B, T, D]`` (the shared stream: the
+    fused projection) or ``[n, B, T, D]`` (head i reads input i: views of the weight)."""
+    if part.shape[0] == 1:
+        return split_heads(linear(part[0]), n)
+    e = linear.out_features // n
+    bias = None if linear.bias is None else linear.bias.view(n, e)
+    return per_head_linear(part, linear.weight.view(n, e, linear.in_features), bias)
+
+
 class Adapter(ABC):
     """Base class: subclasses set the structural fields and the module accessors."""
 
@@ -106,13 +116,14 @@ class Adapter(ABC):
         """Queries, keys and values from the normed inputs ``(q part, k part, v part)``: each ``[1, B, T, D]``
         (the shared stream: the fused projections) or ``[H, B, T, D]``, ``[G, ...]``, ``[G, ...]`` (one per head)."""
 
-    @abstractmethod
     def out_weight(self, layer: int) -> torch.Tensor:
-        """The output projection as a per-head view ``[H, e, D]``."""
+        """The output projection as a per-head view ``[H, e, D]`` (of an ``nn.Linear``'s ``[D, H*e]`` weight)."""
+        weight = self.out_projection(layer).weight
+        return weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
 
-    @abstractmethod
     def out_bias(self, layer: int) -> torch.Tensor | None:
         """The attention output bias: a constant of the residual stream, owned by no node."""
+        return self.out_projection(layer).bias
 
     @abstractmethod
     def out_projection(self, layer: int) -> nn.Module:

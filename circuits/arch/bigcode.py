@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Context
+from .base import Adapter, Context
 from .falcon import grouped_qkv
 from .gpt2 import GPT2Adapter
 
@@ -25,6 +25,4 @@ class GPTBigCodeAdapter(GPT2Adapter):
     def scale(self, layer: int) -> float:
         return self.blocks[layer].attn.scaling
 
-    def out_weight(self, layer: int) -> torch.Tensor:
-        weight = self.blocks[layer].attn.c_proj.weight  # nn.Linear: [D, H*e]
-        return weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
+    out_weight = Adapter.out_weight  # c_proj is an nn.Linear, not GPT-2's Conv1D

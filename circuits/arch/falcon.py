@@ -140,13 +140,6 @@ class FalconAdapter(Adapter):
     def scale(self, layer: int) -> float:
         return self.blocks[layer].self_attention.scaling
 
-    def out_weight(self, layer: int) -> torch.Tensor:
-        weight = self.out_projection(layer).weight  # [D, H*e]
-        return weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
-
-    def out_bias(self, layer: int) -> torch.Tensor | None:
-        return self.out_projection(layer).bias
-
     def out_projection(self, layer: int) -> nn.Module:
         return self.blocks[layer].self_attention.dense
 

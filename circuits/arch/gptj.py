@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, Context, per_head_linear, rotary_function, split_heads
+from .base import Adapter, Context, project_heads, rotary_function
 
 
 class SeparateQKV:
@@ -31,21 +31,10 @@ class SeparateQKV:
         return q, k, v
 
     def project_qkv(self, layer: int, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: Context):
-        attn, e, d = self.attention(layer), self.head_dim, self.d_model
-        q, k, v = (
-            split_heads(p(part[0]), n)  # the shared stream: the whole projection
-            if part.shape[0] == 1
-            else per_head_linear(part, p.weight.view(n, e, d), None if p.bias is None else p.bias.view(n, e))
-            for part, p, n in zip(parts, (attn.q_proj, attn.k_proj, attn.v_proj), self.qkv_counts(), strict=True)
-        )
+        attn = self.attention(layer)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        q, k, v = (project_heads(part, p, n) for part, p, n in zip(parts, projections, self.qkv_counts(), strict=True))
         return self.after_projection(layer, q, k, v, ctx)
-
-    def out_weight(self, layer: int) -> torch.Tensor:
-        weight = self.out_projection(layer).weight  # [D, H*e]
-        return weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
-
-    def out_bias(self, layer: int) -> torch.Tensor | None:
-        return self.out_projection(layer).bias
 
 
 class GPTNeoAdapter(SeparateQKV, Adapter):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, Context, per_head_linear, rotary_function, split_heads
+from .base import Adapter, Context, project_heads, rotary_function
 
 
 class LlamaAdapter(Adapter):
@@ -59,19 +59,7 @@ class LlamaAdapter(Adapter):
     def project_qkv(self, layer: int, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ctx: Context):
         attn = self.blocks[layer].self_attn
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        if parts[0].shape[0] == 1:
-            q, k, v = (
-                split_heads(p(part[0]), n) for part, p, n in zip(parts, projections, self.qkv_counts(), strict=True)
-            )
-        else:
-            q, k, v = (
-                per_head_linear(
-                    part,
-                    p.weight.view(n, self.head_dim, self.d_model),
-                    None if p.bias is None else p.bias.view(n, self.head_dim),
-                )
-                for part, p, n in zip(parts, projections, self.qkv_counts(), strict=True)
-            )
+        q, k, v = (project_heads(part, p, n) for part, p, n in zip(parts, projections, self.qkv_counts(), strict=True))
         clip = getattr(self.config, "clip_qkv", None)
         if clip is not None:  # OLMo: every projection clipped elementwise (per head alike)
             q, k, v = (x.clamp(-clip, clip) for x in (q, k, v))
@@ -84,13 +72,6 @@ class LlamaAdapter(Adapter):
 
     def scale(self, layer: int) -> float:
         return self.blocks[layer].self_attn.scaling
-
-    def out_weight(self, layer: int) -> torch.Tensor:
-        weight = self.blocks[layer].self_attn.o_proj.weight  # [D, H*e]
-        return weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
-
-    def out_bias(self, layer: int) -> torch.Tensor | None:
-        return self.blocks[layer].self_attn.o_proj.bias
 
     def out_projection(self, layer: int) -> nn.Module:
         return self.blocks[layer].self_attn.o_proj

@@ -16,18 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Context, per_head_linear, split_heads
+from .base import Context, project_heads
 from .llama import LlamaAdapter
-
-
-def project_heads(part: torch.Tensor, linear: nn.Linear, n: int) -> torch.Tensor:
-    """``n`` heads ``[B, n, T, e]`` of ``linear``'s output from ``part``: ``[1, B, T, D]`` (the shared stream: the
-    fused projection) or ``[n, B, T, D]`` (head i reads input i: views of the weight)."""
-    if part.shape[0] == 1:
-        return split_heads(linear(part[0]), n)
-    e = linear.out_features // n
-    bias = None if linear.bias is None else linear.bias.view(n, e)
-    return per_head_linear(part, linear.weight.view(n, e, linear.in_features), bias)
 
 
 class GraniteAdapter(LlamaAdapter):

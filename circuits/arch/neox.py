@@ -58,13 +58,6 @@ class NeoXAdapter(Adapter):
     def scale(self, layer: int) -> float:
         return self.blocks[layer].attention.scaling
 
-    def out_weight(self, layer: int) -> torch.Tensor:
-        weight = self.blocks[layer].attention.dense.weight  # [D, H*e]
-        return weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
-
-    def out_bias(self, layer: int) -> torch.Tensor | None:
-        return self.blocks[layer].attention.dense.bias
-
     def out_projection(self, layer: int) -> nn.Module:
         return self.blocks[layer].attention.dense
 

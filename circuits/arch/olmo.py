@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import CircuitsError
-from .base import Context, split_heads
+from .base import Context, project_heads, split_heads
 from .llama import LlamaAdapter
-from .llama_variants import project_heads
 from .moe import MoEAdapter
 
 
