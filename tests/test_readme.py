@@ -1,4 +1,4 @@
-"""The README's Python example runs as written (on the bundled SmolLM2)."""
+"""The README: its Python example runs as written (on the bundled SmolLM2), its models table is complete."""
 
 from __future__ import annotations
 
@@ -28,3 +28,13 @@ def test_readme_example_runs_and_writes_its_files(tmp_path, monkeypatch, capsys)
     assert -1.5 < float(printed[-1]) < 2.5  # a faithfulness value, not nan
     assert (tmp_path / "capitals.json").stat().st_size > 0
     assert (tmp_path / "capitals.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_the_models_table_names_every_supported_model_type():
+    import circuits
+
+    section = README.read_text(encoding="utf-8").split("## Models and the graph", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    named = set(re.findall(r"`([a-z0-9_]+)`", table))
+    missing = set(circuits.arch.supported_model_types()) - {"circuits-native"} - named
+    assert not missing, f"README's models table lacks {sorted(missing)}"
