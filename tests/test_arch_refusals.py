@@ -43,3 +43,12 @@ def test_bloom_residual_after_layer_norm_is_refused_naming_the_field():
     with pytest.raises(CircuitsError, match="apply_residual_connection_post_layernorm") as error:
         circuits.Model.from_hf(hf)
     assert "'bloom'" in str(error.value)
+
+
+def test_olmo2_with_an_attention_output_bias_is_refused_naming_the_field():
+    config = CONFIGS["olmo2"]()
+    config.attention_bias = True  # the bias passes through the norm after attention: its share belongs to no head
+    hf = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(CircuitsError, match="attention_bias") as error:
+        circuits.Model.from_hf(hf)
+    assert "'olmo2'" in str(error.value)
