@@ -102,14 +102,16 @@ def readme(frame: pd.DataFrame, model: str) -> str:
     def cell(value, digits: int = 3) -> str:
         return "—" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
+    command = "make results" if model == MODEL else f"python results/run.py --model {model} --tasks TASK ..."
+
     lines = [
         "# Reference results",
         "",
         f"Catalogue tasks on the bundled {model} (fp32, CPU), {N} examples each (seed 0), patching",
         "ablation, logit-difference metric. Each row is one `circuits discover` run; its folder holds circuit.json",
         "(the circuit's own edges with their scores), the figures and summary.json/summary.md. Every edge's score",
-        "(scores.csv, about 4 MB a run) is not kept in git: `make results` rebuilds it, rerunning each run whose",
-        "scores.csv is missing (on a fresh clone, all of them: about 35 minutes on 2 idle CPU cores plus loading;",
+        f"(scores.csv, about 4 MB a run) is not kept in git: `{command}` rebuilds it, rerunning each run whose",
+        "scores.csv is missing (on a fresh clone, all of them: about 35 minutes for SmolLM2 on 2 idle CPU cores;",
         "`--tasks` and `--methods` pick some, `--force` redoes finished ones). `circuits evaluate",
         "DIR/circuit.json --task TASK` reads DIR/scores.csv for the faithfulness curve; `circuits discover ...",
         "--full-json` writes circuit.json with every edge in the EAP-IG/MIB layout.",
@@ -119,11 +121,11 @@ def readme(frame: pd.DataFrame, model: str) -> str:
         "- **eap (curve only)**: EAP's faithfulness curve from the same run (`--compare eap`), in the same figure.",
         f"- **ACDC (EAP-IG candidates)**: ACDC (threshold {ACDC['threshold']} on the {ACDC['metric']}) on EAP-IG's",
         f"  {ACDC['candidates']} most helpful edges (signed, pruned); one circuit, so no curve. Why not EAP's",
-        "  candidates, and why not KL: see below.",
+        "  candidates, and why not KL: see " + ("below." if model == MODEL else "[results/README.md](../README.md)."),
         "- faithfulness = (m(circuit) - m(empty)) / (m(full) - m(empty)); seconds: scoring, selection (ACDC runs",
         "  there), evaluation and writing, without the curves; load: the 1-minute load average when the run",
         "  ended, on this 2-core machine (above 2, other jobs shared the CPU and the seconds are inflated).",
-        "- faithfulness above 1 (capitals, gendered_pronoun): the circuit's logit difference exceeds the full",
+        "- faithfulness above 1: the circuit's logit difference exceeds the full",
         "  model's, because the signed selection leaves out the edges that work against the answer.",
         "",
         "| task | method | edges | nodes | faithfulness | CPR ↑ | CMD ↓ | seconds | load | figures |",
