@@ -47,14 +47,14 @@ def median_seconds(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(timed_call(fn, device) for _ in range(repeats))
 
 
-def child_memory(script: str, device_name: str | None) -> dict[str, int]:
-    """CPU peaks of every case, from ``script --memory-only`` run in a child process.
+def child_memory(script: str, device_name: str | None, arguments: list[str] = ()) -> dict[str, int]:
+    """CPU peaks of every case, from ``script --memory-only [arguments]`` run in a child process.
 
     There glibc maps every large tensor on its own and unmaps it when freed, so the resident
     set follows live memory. (Timings are taken in the parent, under the default settings.)
     """
     env = {**os.environ, **MEMORY_ENV}
-    command = [sys.executable, script, "--memory-only"] + (["--device", device_name] if device_name else [])
+    command = [sys.executable, script, "--memory-only", *arguments] + (["--device", device_name] if device_name else [])
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr)

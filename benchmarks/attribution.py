@@ -2,10 +2,12 @@
 
 For each method: seconds, the floor on the same batches (EAP and clean-corrupted: 2 no-grad
 forwards + 1 or 2 forward/backwards of the HF model with activation gradients; EAP-IG:
-2 forwards + ig_steps forward/backwards), the ratio ours / floor, and peak memory against the
-plain forward/backward's (CPU peaks from a child process, see _measure.py).
+2 forwards + ig_steps forward/backwards; eap-ig-activations: 2 forwards + (2 L + 1) x ig_steps
+forward/backwards), the ratio ours / floor, and peak memory against the plain forward/backward's
+(CPU peaks from a child process, see _measure.py). eap-ig-activations runs only when named in
+--methods: on SmolLM2 (L = 30) it takes 61 x ig_steps forward/backwards per batch.
 
-    .venv/bin/python benchmarks/attribution.py [--n 64] [--batch-size 32] [--ig-steps 5]
+    .venv/bin/python benchmarks/attribution.py [--n 64] [--batch-size 32] [--ig-steps 5] [--methods eap ...]
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ from circuits import tasks
 from circuits.task import metric_values
 
 GRADIENT_POINTS = {"eap": 1, "clean-corrupted": 2}  # forward/backwards per batch; IG methods use ig_steps
+DEFAULT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-mask", "clean-corrupted")
+GRADIENT_METHODS = [name for name in circuits.choices.METHODS if name != "exact"]
+
+
+def gradient_points(name: str, ig_steps: int, n_layers: int) -> int:
+    """The forward/backwards per batch of the plain model that a method's gradient points amount to."""
+    if name == "eap-ig-activations":  # every layer group (the input, each layer's heads, each layer's MLP)
+        return (2 * n_layers + 1) * ig_steps
+    return GRADIENT_POINTS.get(name, ig_steps)
 
 
 def plain_floor(model, tokenized, batch_size: int, backward_passes: int) -> None:
@@ -47,11 +58,11 @@ def setup(args):
         name: partial(
             circuits.attribute, model, task, name, batch_size=args.batch_size, ig_steps=args.ig_steps, progress=False
         )
-        for name in ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
+        for name in dict.fromkeys(("eap", *args.methods))  # eap: the warm-up, and the plain backward's peak
     }
     floors = {}
     for name in methods:
-        passes = GRADIENT_POINTS.get(name, args.ig_steps)
+        passes = gradient_points(name, args.ig_steps, model.graph.n_layers)
         floors[name] = partial(plain_floor, model, tokenized, args.batch_size, passes)
     return model, task, methods, floors
 
@@ -61,6 +72,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ig-steps", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=GRADIENT_METHODS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     model, task, methods, floors = setup(args)
@@ -76,7 +88,9 @@ def main() -> None:
         start = time.perf_counter()
         fn()
         seconds[name] = time.perf_counter() - start
-    memory = child_memory(__file__, None) if model.device.type == "cpu" else {}
+    arguments = ["--n", str(args.n), "--batch-size", str(args.batch_size), "--ig-steps", str(args.ig_steps)]
+    arguments += ["--methods", *args.methods]
+    memory = child_memory(__file__, None, arguments) if model.device.type == "cpu" else {}
     backward_peak = memory.get("floor eap", 0)
     print(f"\n{'method':20s} {'ours s':>8s} {'floor s':>8s} {'ratio':>6s} {'peak MiB':>9s} {'vs plain bwd':>12s}")
     for name in methods:

@@ -6,6 +6,7 @@ The user API, in the order of a discovery::
     task = circuits.tasks.get("ioi", model.tokenizer)        # or circuits.Task(name, clean, corrupted, ...)
     scores = circuits.attribute(model, task)                 # Scores: one per edge
     circuit = scores.most_helpful(200)                       # Circuit; or circuits.acdc(model, task, ...)
+    circuit = circuits.learn_circuit(model, task, "edge-pruning", target_edges=200)  # or method="ugs"
     circuits.evaluate(model, task, circuit).faithfulness     # faithfulness_curve, roc_auc, overlap
     circuits.patched_forward(model, ids, mask, edge_mask)    # the engine itself
 
@@ -22,6 +23,7 @@ from .errors import CircuitsError
 from .evaluate import evaluate, faithfulness_curve, overlap, roc_auc
 from .graph import Graph
 from .methods import acdc, attribute
+from .methods.learn import learn_circuit
 from .model import Model, load_model
 from .task import Task
 from .version import __version__
@@ -34,6 +36,7 @@ __all__ = [
     "tasks",
     "attribute",
     "acdc",
+    "learn_circuit",
     "Scores",
     "Circuit",
     "evaluate",

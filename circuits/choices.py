@@ -8,17 +8,23 @@ from typing import Any, Literal, get_args
 
 from .errors import CircuitsError
 
-Method = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted", "exact"]
+Method = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "eap-ig-mask", "clean-corrupted", "exact"]
 Ablation = Literal["patching", "mean", "zero"]
 MetricName = Literal["logit_diff", "prob_diff", "kl", "l2"]
 Level = Literal["edge", "node"]
 Selection = Literal["signed", "absolute", "greedy"]
+LearnMethod = Literal["edge-pruning", "ugs"]
+LearnObjective = Literal["kl", "metric"]
+Backward = Literal["gradient", "gim", "relp"]  # the gradient methods' backward pass (circuits.arch.rules)
 
 METHODS: tuple[str, ...] = get_args(Method)
 ABLATIONS: tuple[str, ...] = get_args(Ablation)
 METRICS: tuple[str, ...] = get_args(MetricName)
 LEVELS: tuple[str, ...] = get_args(Level)
 SELECTIONS: tuple[str, ...] = get_args(Selection)
+LEARN_METHODS: tuple[str, ...] = get_args(LearnMethod)
+LEARN_OBJECTIVES: tuple[str, ...] = get_args(LearnObjective)
+BACKWARDS: tuple[str, ...] = get_args(Backward)
 
 
 def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .choices import ABLATIONS, METHODS, METRICS, SELECTIONS
+from .choices import ABLATIONS, BACKWARDS, METHODS, METRICS, SELECTIONS
 from .errors import CircuitsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     discover = commands.add_parser("discover", help="score every edge, select a circuit, evaluate it, write a folder")
     _model_options(discover)
     _task_options(discover)
-    discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS, help="edge scoring method")
+    discover.add_argument(
+        "--method",
+        default="eap-ig-inputs",
+        choices=METHODS,
+        help="edge scoring method (README's method table): eap-ig-activations interpolates one layer's outputs at "
+        "a time, as EAP-IG and MIB do; eap-ig-mask integrates the gradient of every edge's mask",
+    )
     discover.add_argument("--ablation", default="patching", choices=ABLATIONS)
     discover.add_argument("--top-n", type=_positive, default=200, help="circuit size in edges (before pruning)")
     discover.add_argument("--select", default="signed", choices=SELECTIONS, help="how the top edges are chosen")
@@ -100,7 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help="more methods whose faithfulness curves are drawn alongside",
     )
-    discover.add_argument("--ig-steps", type=_positive, default=5)
+    discover.add_argument(
+        "--ig-steps", type=_positive, default=5, help="steps of the EAP-IG methods (eap-ig-activations: per layer)"
+    )
+    discover.add_argument(
+        "--backward",
+        default="gradient",
+        choices=BACKWARDS,
+        help="the gradient method's backward pass: exact gradients, or GIM's or RelP's rules",
+    )
     discover.add_argument(
         "--full-json",
         action="store_true",
@@ -332,11 +346,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
 def run_discover(args: argparse.Namespace) -> int:
     from .io import check_writable_folder
-    from .methods import check_gradient_metric
+    from .methods import check_backward, check_gradient_metric
     from .pipeline import check_output_folder, discover
 
     for method in (args.method, *args.compare):  # the task's metric is --metric: refuse before the model loads
         check_gradient_metric(method, args.metric, args.ig_steps)
+    check_backward(args.method, args.backward)
     task = _read_task(args)
     check_output_folder(args.out)
     if args.checkpoint is not None:
@@ -362,6 +377,7 @@ def run_discover(args: argparse.Namespace) -> int:
         log=_log(args),
         full_json=args.full_json,
         checkpoint=args.checkpoint,
+        backward=args.backward,
     )
     e, c = summary["evaluation"], summary["circuit"]
     print(f"circuit: {c['edges']} edges, {c['nodes']} nodes; faithfulness {e['faithfulness']:.3f}")

@@ -27,6 +27,7 @@ import torch
 from .arch import Adapter, Context
 from .arch.base import map_rotary
 from .arch.norms import norm_input_gradients
+from .arch.rules import frozen_norm_input_gradients
 from .errors import CircuitsError
 from .graph import LayerSlots
 from .placement import move_context
@@ -273,6 +274,8 @@ class _SharedQKV(torch.autograd.Function):
         stream = inputs.detach()
         ctx.save_for_backward(inputs)
         ctx.split = split
+        rules = adapter.backward_rules  # frozen norm statistics: the norm's Jacobian without them (GIM, RelP)
+        ctx.norm_gradients = frozen_norm_input_gradients if rules and rules.freeze_norms else norm_input_gradients
         with torch.enable_grad():
             with torch.no_grad():
                 shared = adapter.attention_norm(layer)(stream[:, :, start:])
@@ -292,7 +295,7 @@ class _SharedQKV(torch.autograd.Function):
             normed_grads = torch.autograd.grad(ctx.outputs, ctx.parts, grads)  # each head's, at its view
             ctx.outputs = ctx.parts = None
             stream = inputs.detach()
-            grad = norm_input_gradients(adapter.attention_norm(layer), stream[:, :, start:], normed_grads)
+            grad = ctx.norm_gradients(adapter.attention_norm(layer), stream[:, :, start:], normed_grads)
             if start:  # the plain gradient before start, its q/k/v computed again
                 with torch.enable_grad():
                     prefix = stream[:, :, :start].requires_grad_(True)
@@ -441,7 +444,10 @@ class _Deltas:
     entry c, as integrated gradients use) needs no per-destination inputs at all: every
     destination reads ``resid - (1 - c) * sum(deltas)``. Without autograd the deltas live in
     one preallocated buffer and only the rows that matter are read; with autograd they are
-    kept as a list of chunks (no in-place writes).
+    kept as a list of chunks (no in-place writes). With autograd, a mask constant along each
+    source's row (every edge of a source at one value, as ``eap-ig-activations`` holds a
+    layer's outputs) needs no per-destination inputs either: every destination reads
+    ``resid - sum_u (1 - m_u) * delta_u``, summed as the sources come.
     """
 
     needs_sources = True
@@ -460,6 +466,11 @@ class _Deltas:
         self.count = 0
         first = removal.flatten()[0]
         self.uniform = None if removal.requires_grad or not bool((removal == first).all()) else first
+        self.by_source = None  # each source's removal, when it is the same for every destination (with autograd)
+        if self.differentiable and self.uniform is None and not removal.requires_grad:
+            if bool((removal == removal[:, :1]).all()):
+                self.by_source = removal[:, 0]
+        self.removed = None  # with ``by_source``: the sum of the removed deltas so far (None: nothing removed)
         options = dict(dtype=removal.dtype, device=removal.device)
         self.total = torch.zeros(shape, **options) if total is None else total
         if not self.differentiable:
@@ -468,7 +479,12 @@ class _Deltas:
     def add(self, start: int, out: torch.Tensor) -> None:
         delta = out if self.patch is None else out - self.patch[start : start + len(out)]
         if self.differentiable:
-            if self.uniform is None:  # a constant mask reads the sum only
+            if self.by_source is not None:  # every destination reads one stream: the removed sum only
+                weights = self.by_source[start : start + len(delta)]
+                if weights.any():
+                    removed = (weights.view(-1, 1, 1, 1) * delta).sum(0)
+                    self.removed = removed if self.removed is None else self.removed + removed
+            elif self.uniform is None:  # a constant mask reads the sum only
                 self.chunks.append(delta)
             self.total = self.total + delta.sum(0)
         else:
@@ -480,6 +496,8 @@ class _Deltas:
         assert n_reads == self.count, "a destination reads every source computed before it"
         if self.uniform is not None:
             return (resid - self.uniform * self.total).unsqueeze(0)
+        if self.by_source is not None:
+            return (resid if self.removed is None else resid - self.removed).unsqueeze(0)
         removal = self.removal[:n_reads, destinations]
         n = removal.shape[1]
         if self.differentiable:

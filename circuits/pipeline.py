@@ -23,13 +23,13 @@ import pandas as pd
 
 from . import distributed, export
 from .batching import BatchPlan, BatchSize, check_batch_size, parse_memory
-from .choices import SELECTIONS, Ablation, Method, MetricName, Selection, check_choice, check_positive
+from .choices import SELECTIONS, Ablation, Backward, Method, MetricName, Selection, check_choice, check_positive
 from .circuit import Circuit, Scores, greedy_mask, select
 from .errors import CircuitsError
 from .evaluate import Curve, Evaluation, check_task, evaluate, faithfulness_curve, metrics_equal
 from .export import versions
 from .io import atomic_folder, atomic_write_text, check_writable_folder, finite_json, recover_folder, write_json
-from .methods import acdc, attribute, check_gradient_metric
+from .methods import acdc, attribute, check_backward, check_gradient_metric
 from .methods.gradient import GRADIENT_METHODS
 from .model import Model
 from .resume import checkpoint_folder
@@ -84,6 +84,7 @@ def discover(
     full_json: bool = False,
     checkpoint: str | Path | None = None,
     max_memory: int | str | None = None,
+    backward: Backward = "gradient",
 ) -> dict[str, Any]:
     """Find ``task``'s circuit in ``model`` and write the output folder ``out``; returns the summary.
 
@@ -95,6 +96,9 @@ def discover(
     ``max_memory`` (default: what the device has free), see ``circuits.batching``. The attribution lays the
     batches out (and its checkpoint records them); ACDC, the evaluation and the curves run the same batches,
     so a resumed run gives identical numbers in every phase.
+
+    ``backward`` is the main method's backward pass (``circuits.attribute``: ``gim``, ``relp``, modified
+    backward rules for the gradient methods); the ``compare`` methods take plain gradients.
 
     ``checkpoint``: a folder for the resumable state of every long phase (``circuits.resume``), one file
     each: ``attribution.ckpt`` (the main attribution), ``attribution-METHOD.ckpt`` (each ``compare``
@@ -120,7 +124,8 @@ def discover(
     distributed.on_main(partial(check_output_folder, out), f"checking the output folder {out}")
     for name in (method, *compare):  # before any work: a pair whose gradients are all zero is refused
         check_gradient_metric(name, task.metric, ig_steps)
-    settings = dict(method=method, ablation=ablation, batch_size=batch_size, ig_steps=ig_steps)
+    check_backward(method, backward)
+    settings = dict(method=method, ablation=ablation, batch_size=batch_size, ig_steps=ig_steps, backward=backward)
     settings.update(acdc_threshold=acdc_threshold, acdc_metric=acdc_metric, candidates=candidates, selection=selection)
     if checkpoint is not None and out.resolve() in (Path(checkpoint).resolve(), *Path(checkpoint).resolve().parents):
         raise CircuitsError(f"checkpoint folder {checkpoint} is inside the output folder {out}, which is replaced")
@@ -131,7 +136,7 @@ def discover(
     plan = BatchPlan(batch_size, model.device, max_memory)  # one layout for every later phase
     options = {"ablation": ablation, "batch_size": plan, "ig_steps": ig_steps, "progress": progress}
     with phases("attribution", f"scoring {len(model.graph):,} edges with {method} ({len(task)} examples)"):
-        scores = attribute(model, task, method, **options, checkpoint=_phase(folder, "attribution"))
+        scores = attribute(model, task, method, **options, checkpoint=_phase(folder, "attribution"), backward=backward)
     with phases("selection", "selecting the circuit"):
         if acdc_threshold is None:
             circuit = select_circuit(scores, top_n, selection)
@@ -162,6 +167,8 @@ def discover(
         with phases(f"curve ({name})", f"faithfulness curve of {name}"):
             curves.append(faithfulness_curve(model, task, other, ablation=ablation, batch_size=plan))
     how = {"selection": selection}
+    if backward != "gradient":
+        how["backward"] = backward
     if acdc_threshold is not None:
         how.update({"acdc_threshold": acdc_threshold, "acdc_metric": acdc_metric, "candidates": len(pool)})
     if not distributed.is_main():  # rank 0 writes the folder
@@ -185,6 +192,8 @@ def _run_settings(arguments: dict[str, Any]) -> dict[str, Any]:
     method = GRADIENT_METHODS.get(arguments["method"])
     if method is not None and method.uses_steps:
         settings["ig_steps"] = arguments["ig_steps"]
+    if arguments.get("backward", "gradient") != "gradient":  # absent for plain gradients: old folders stay valid
+        settings["backward"] = arguments["backward"]
     settings["acdc_threshold"] = arguments["acdc_threshold"]
     if arguments["acdc_threshold"] is not None:
         settings.update({key: arguments[key] for key in ("acdc_metric", "candidates", "selection")})

@@ -42,7 +42,7 @@ def results(model, task) -> dict[str, torch.Tensor]:
     finally:
         gradient._batch_scores = batch_scores
     out["eap-batches-computed"] = torch.tensor(computed)
-    for method in ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted"):
+    for method in ("eap", "eap-ig-inputs", "eap-ig-activations", "eap-ig-mask", "clean-corrupted"):
         found[method] = circuits.attribute(model, task, method, batch_size=BATCH, ig_steps=3, progress=False)
         out[method] = found[method].tensor
     out["eap-mean"] = circuits.attribute(model, task, "eap", "mean", batch_size=BATCH, progress=False).tensor

@@ -27,6 +27,7 @@ BIT_IDENTICAL = [
     "eap",
     "eap-ig-inputs",
     "eap-ig-activations",
+    "eap-ig-mask",
     "clean-corrupted",
     "eap-mean",
     "exact",

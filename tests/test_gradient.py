@@ -26,7 +26,7 @@ from circuits.testing import ARCHITECTURES, tiny_hf, tiny_native, tiny_pair
 ORACLE_POINTS = {  # (input interpolation a, every edge's mask value): the methods' definitions
     "eap": lambda steps: [(1.0, 1.0)],
     "eap-ig-inputs": lambda steps: [(k / steps, 1.0) for k in range(steps)],
-    "eap-ig-activations": lambda steps: [(1.0, (k + 0.5) / steps) for k in range(steps)],
+    "eap-ig-mask": lambda steps: [(1.0, (k + 0.5) / steps) for k in range(steps)],
     "clean-corrupted": lambda steps: [(1.0, 1.0), (0.0, 1.0)],
 }
 METHODS = list(ORACLE_POINTS)
@@ -68,7 +68,7 @@ def oracle_scores(model, task, method, ablation, steps=STEPS):
     scores = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.float64)
     for alpha, m in points:
         outputs, grads = oracle_point(model, oracle, tokens, clean, patch, alpha, m)
-        outputs = clean if m == 1.0 else outputs  # eap-ig-activations: each point's own deltas
+        outputs = clean if m == 1.0 else outputs  # eap-ig-mask: each point's own deltas
         deltas = torch.stack([(outputs[u] - patch[u]).flatten() for u in graph.sources]).double()
         grads = torch.stack([grads[v].flatten() for v in graph.destinations]).double()
         scores += deltas @ grads.T / len(points)  # d metric / d z_v = - d metric / d in_v
@@ -170,7 +170,7 @@ def test_a_bidirectional_model_has_no_unchanged_prefix(task):
 def test_trimming_positions_changes_no_score(name, method, task):
     """With patching, scores equal those of the computation over every position (a batch that starts at 0)."""
     model = circuits.Model.from_hf(tiny_native(name))
-    trim = method != "eap-ig-activations"  # its interpolated forwards read the whole patch
+    trim = method != "eap-ig-mask"  # its interpolated forwards read the whole patch
     trimmed = _batch_scores(model, task, next(batches(model, task, "patching", 64, trim=trim)), method, STEPS)
     whole_batch = dataclasses.replace(next(batches(model, task, "patching", 64)), start=0)
     whole = _batch_scores(model, task, whole_batch, method, STEPS)

@@ -123,13 +123,13 @@ def test_identical_clean_and_corrupted_give_zero_scores():
 
 
 @pytest.mark.parametrize("ablation", ["patching", "mean"])
-def test_eap_ig_activations_scores_sum_to_the_total_effect(ablation, task):
+def test_eap_ig_mask_scores_sum_to_the_total_effect(ablation, task):
     """Integrated gradients over the edge mask are complete: they add up to metric(all ablated) - metric(clean).
 
     (Not with zero ablation: near m = 0 every input shrinks to zero and RMSNorm's gradient diverges.)
     """
     model = circuits.Model.from_hf(tiny_hf("qwen2"))
-    scores = circuits.attribute(model, task, "eap-ig-activations", ablation=ablation, ig_steps=64, progress=False)
+    scores = circuits.attribute(model, task, "eap-ig-mask", ablation=ablation, ig_steps=64, progress=False)
     empty = circuits.Circuit(model.graph, torch.zeros(model.graph.n_src, model.graph.n_dst, dtype=torch.bool))
     tokens = task.tokenize()
     batch = next(circuits.methods.common.batches(model, task, ablation, 64))

@@ -11,8 +11,8 @@ from pathlib import Path
 import circuits
 
 PACKAGE = Path(circuits.__file__).resolve().parent
-FRONT_DOOR = ["load_model", "Model", "Graph", "Task", "tasks", "attribute", "acdc", "Scores", "Circuit",
-              "evaluate", "faithfulness_curve", "roc_auc", "overlap", "patched_forward", "CircuitsError",
+FRONT_DOOR = ["load_model", "Model", "Graph", "Task", "tasks", "attribute", "acdc", "learn_circuit", "Scores",
+              "Circuit", "evaluate", "faithfulness_curve", "roc_auc", "overlap", "patched_forward", "CircuitsError",
               "__version__"]  # fmt: skip
 
 

@@ -279,7 +279,7 @@ def stderr_lines(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line]
 
 
-@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted"])
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "eap-ig-activations", "eap-ig-mask", "clean-corrupted"])
 def test_an_out_of_memory_batch_is_halved_and_retried_giving_the_normal_result(model, task, monkeypatch, capsys,
                                                                                method):  # fmt: skip
     normal = circuits.attribute(model, task, method, batch_size=4, **OPTIONS).tensor

@@ -343,7 +343,7 @@ def test_eap_with_a_metric_minimal_at_the_clean_run_is_refused_saying_what_to_us
         circuits.attribute(model, make_task(metric=metric), "eap", progress=False)
 
 
-@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations", "clean-corrupted", "exact"])
+@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations", "eap-ig-mask", "clean-corrupted", "exact"])
 def test_methods_with_gradients_away_from_the_clean_run_accept_kl(model, method):
     scores = circuits.attribute(model, make_task(metric="kl"), method, ig_steps=2, progress=False)
     assert scores.tensor[model.graph.real].abs().max() > 1e-4

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from torch import nn
 
 from ..errors import CircuitsError
 from .norms import norm_factor
+
+if TYPE_CHECKING:
+    from .rules import RuleSet
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Adapter(ABC):
     causal: bool = True
     # May the model's layers sit on different devices, or be offloaded (see ``circuits.placement``)?
     placeable: bool = True
+    # A modified backward (GIM, RelP) while ``circuits.arch.rules.backward_rules`` runs, None otherwise
+    backward_rules: RuleSet | None = None
 
     def __init__(self, hf: nn.Module):
         self.hf = hf
@@ -184,12 +190,14 @@ class Adapter(ABC):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Scaled dot-product attention with GQA; returns per-head mixes ``z`` of shape ``[B, H, T, e]``.
 
-        Families with soft-capped scores, an additive score bias (ALiBi) or sink logits take the written-out path.
+        Families with soft-capped scores, an additive score bias (ALiBi) or sink logits take the written-out path,
+        as does any family under backward rules (``circuits.arch.rules``: their softmax and q/k/v gradients).
         """
         window = self.window(layer)
         mask = ctx.attention_mask if window is None else ctx.sliding_masks[window]
         softcap, bias, sinks = self.score_softcap(layer), self.score_bias(layer, ctx), self.sink_logits(layer)
-        if softcap is None and bias is None and sinks is None:
+        q, k, v = self.attention_inputs(q, k, v)
+        if softcap is None and bias is None and sinks is None and self.backward_rules is None:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale(layer), enable_gqa=self.n_kv_heads != self.n_heads
             )
@@ -203,11 +211,21 @@ class Adapter(ABC):
             scores = scores + bias
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         if sinks is None:
-            weights = scores.softmax(-1)
+            weights = self.softmax(scores)
         else:  # one more logit per head that takes probability mass and gives no value
             sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-            weights = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+            weights = self.softmax(torch.cat([scores, sink], -1))[..., :-1]
         return weights.to(v.dtype) @ v
+
+    def softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """The attention weights ``scores.softmax(-1)``; under backward rules, the rule's backward."""
+        return scores.softmax(-1) if self.backward_rules is None else self.backward_rules.softmax(scores)
+
+    def attention_inputs(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values as attention reads them; under backward rules, their gradients scaled."""
+        return (q, k, v) if self.backward_rules is None else self.backward_rules.attention_inputs(q, k, v)
 
     def score_softcap(self, layer: int) -> float | None:
         """Attention scores pass through ``c * tanh(s / c)`` before the softmax (Gemma 2), None for none."""
@@ -240,7 +258,10 @@ class Adapter(ABC):
                 f"model_type {self.config.model_type!r}: an attention output bias under a norm after attention "
                 "belongs to no head; this combination is not supported"
             )
-        return (heads * norm_factor(norm, heads.sum(0))).to(heads.dtype)
+        factor = norm_factor(norm, heads.sum(0))
+        if self.backward_rules is not None:  # frozen statistics: a constant factor
+            factor = self.backward_rules.norm_factor(factor)
+        return (heads * factor).to(heads.dtype)
 
     def attention_output(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """The summed attention output, bias included, as the HF module computes it."""

@@ -74,8 +74,9 @@ class GPTNeoAdapter(SeparateQKV, Adapter):
             return super().attend(layer, q, k, v, ctx)
         # half precision: scores and softmax in float32, the weights back in the model's dtype, as HF computes them
         mask = ctx.attention_mask if self.window(layer) is None else ctx.sliding_masks[self.window(layer)]
+        q, k, v = self.attention_inputs(q, k, v)
         scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale(layer)
-        weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+        weights = self.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min))
         return weights.to(v.dtype) @ v
 
     def out_projection(self, layer: int) -> nn.Module:

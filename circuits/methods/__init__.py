@@ -7,8 +7,20 @@ from pathlib import Path
 
 import torch
 
+from ..arch.rules import backward_rules
 from ..batching import BatchPlan, BatchSize, check_batch_size, parse_memory
-from ..choices import ABLATIONS, LEVELS, METHODS, Ablation, Level, Method, check_choice, check_positive
+from ..choices import (
+    ABLATIONS,
+    BACKWARDS,
+    LEVELS,
+    METHODS,
+    Ablation,
+    Backward,
+    Level,
+    Method,
+    check_choice,
+    check_positive,
+)
 from ..circuit import Scores
 from ..errors import CircuitsError
 from ..model import Model
@@ -33,6 +45,7 @@ def attribute(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     max_memory: int | str | None = None,
+    backward: Backward = "gradient",
 ) -> Scores:
     """Score every edge (or, with ``level="node"``, every source node) of the model's graph on a task.
 
@@ -51,6 +64,13 @@ def attribute(
     ``eap`` takes its gradients at the clean run only, where the ``kl`` and ``l2`` metrics are at their
     minimum (every gradient is zero): that pair is refused; use an EAP-IG method or an answer metric.
 
+    ``backward`` (a gradient method's backward pass, one of ``BACKWARDS``): ``gradient``, the exact gradients;
+    ``gim``, GIM's rules (Edin et al. 2025: norms with frozen statistics, the attention softmax's backward at
+    temperature 2, q/k/v gradients / 4, / 4, / 2, a gated MLP's gradient / 2); ``relp``, RelP's (Jafari et al.
+    2025: the LN-, AH-, Identity- and Half-rules; queries and keys then get no gradient: every edge into a ``<q>``
+    or ``<k>`` input scores 0). The forward is the model's own; see ``circuits.arch.rules``. ``exact`` takes no
+    gradients: it refuses any backward but ``gradient``.
+
     ``checkpoint``: a file (see ``circuits.resume``) where the running score sum and the next batch are
     saved after every batch; calling again with the same path resumes at that batch and returns the
     identical tensor (the same sums in the same order). It belongs to this model (config and weights),
@@ -58,6 +78,7 @@ def attribute(
     ``CircuitsError`` naming what differs. A finished checkpoint returns its scores at once.
     """
     check_choice("method", method, METHODS)
+    check_backward(method, backward)
     check_choice("ablation", ablation, ABLATIONS)
     check_choice("level", level, LEVELS)
     check_batch_size(batch_size)
@@ -68,8 +89,12 @@ def attribute(
     parameters = {"method": method, "ablation": ablation, "batch_size": plan.requested, "level": level}
     if method in GRADIENT_METHODS and GRADIENT_METHODS[method].uses_steps:
         parameters["ig_steps"] = ig_steps
+    if method in GRADIENT_METHODS and GRADIENT_METHODS[method].per_layer:  # its name meant eap-ig-mask before:
+        parameters["per_layer"] = True  # a checkpoint of that definition is refused, not resumed
     if method == "exact":
         parameters["max_tokens"] = MAX_TOKENS
+    if backward != "gradient":  # absent for plain gradients: their checkpoints stay valid
+        parameters["backward"] = backward
     resumable = open_checkpoint(checkpoint, model, task, parameters)
     start = time.perf_counter()
     if method == "exact":
@@ -77,9 +102,11 @@ def attribute(
             lambda saved: exact_scores(model, task, ablation, plan, level, progress, checkpoint=saved), resumable
         )
     else:
-        tensor = plan.run(
-            lambda saved: gradient_scores(model, task, method, ablation, plan, ig_steps, progress, saved), resumable
-        )
+        with backward_rules(model, backward):  # checks the model's norms and activations before any batch runs
+            tensor = plan.run(
+                lambda saved: gradient_scores(model, task, method, ablation, plan, ig_steps, progress, saved),
+                resumable,
+            )
         if level == "node":
             tensor = tensor.masked_fill(~model.graph.real, 0).sum(1)
     _check_finite(model, tensor, level)
@@ -96,10 +123,32 @@ def attribute(
     }
     if method in GRADIENT_METHODS and GRADIENT_METHODS[method].uses_steps:
         meta["ig_steps"] = ig_steps
+    if backward != "gradient":
+        meta["backward"] = backward
     return Scores(model.graph, tensor, level, meta)
 
 
-__all__ = ["ABLATIONS", "LEVELS", "METHODS", "acdc", "attribute", "check_gradient_metric"]
+__all__ = [
+    "ABLATIONS",
+    "BACKWARDS",
+    "LEVELS",
+    "METHODS",
+    "acdc",
+    "attribute",
+    "check_backward",
+    "check_gradient_metric",
+]
+
+
+def check_backward(method: str, backward: str) -> None:
+    """A CircuitsError unless ``backward`` is one of ``BACKWARDS`` and, when it modifies the backward pass,
+    ``method`` takes gradients (the rules apply to the gradient methods only)."""
+    check_choice("backward", backward, BACKWARDS)
+    if backward != "gradient" and method not in GRADIENT_METHODS:
+        raise CircuitsError(
+            f"backward {backward!r} modifies gradients, and method {method!r} takes none; use backward='gradient' "
+            f"with {method!r}, or one of the gradient methods {', '.join(GRADIENT_METHODS)}"
+        )
 
 
 def _check_finite(model: Model, scores: torch.Tensor, level: str) -> None:

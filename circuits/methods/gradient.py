@@ -6,12 +6,16 @@ where out_u is u's clean output and the points are:
 - ``eap``: the clean run (Syed et al. 2023);
 - ``eap-ig-inputs``: the input embeddings at ablated + a (clean - ablated), a = k / steps,
   k = 0 ... steps - 1, starting at the ablated (corrupted) end: the EAP-IG / MIB points;
-- ``eap-ig-activations``: integrated gradients over the edge mask: every edge at m = a
-  (each destination reads a * out_u + (1 - a) * patch_u), a at the midpoints (k + 1/2) / steps,
+- ``eap-ig-mask``: integrated gradients over the edge mask (AutoCircuit's mask gradients, integrated): every
+  edge at m = a (each destination reads a * out_u + (1 - a) * patch_u), a at the midpoints (k + 1/2) / steps,
   each point's gradient taken with that point's own deltas out_u(a) - patch_u; the scores then
   sum to metric(all ablated) - metric(clean) up to the quadrature error (completeness). With
   zero ablation on models with RMSNorm/LayerNorm the integrand diverges near m = 0 (every
   input shrinks to zero), so prefer patching or mean ablation for this method;
+- ``eap-ig-activations``: EAP-IG over activations as the EAP-IG library and MIB define it: one layer's
+  outputs at a time (the input, each layer's heads, each layer's MLP) held at ablated + a (clean - ablated),
+  a = k / steps, k = 1 ... steps, the gradients averaged over every layer and step and contracted with the
+  clean deltas; its own loop over the layers, ``circuits.methods.ig_activations``;
 - ``clean-corrupted``: the clean run and the run on the ablated input, averaged.
 
 Each gradient point is one forward and one backward. A method whose points all use the clean deltas
@@ -19,7 +23,7 @@ Each gradient point is one forward and one backward. A method whose points all u
 no more rows than the batch, and sums each example's gradients over its points before contracting them: the
 contraction, as costly as a third of a forward/backward on a small model, is done once per example rather
 than once per point. The deltas are recorded as the sources are computed
-(of the clean run, or of each point's own run for ``eap-ig-activations``), and the destination-input
+(of the clean run, or of each point's own run for ``eap-ig-mask``), and the destination-input
 gradients are contracted with them a few layers at a time as the backward delivers them: the contraction is
 linear in the gradient, so contracting every point's gradient equals contracting their sum, and no more
 than a few layers' gradients are held. With ``patching`` ablation in a causal model the positions every pair
@@ -56,13 +60,17 @@ class GradientMethod:
     points: Callable[[int], list[Point]]  # the gradient points for a number of steps
     per_point: bool = False  # contract each point's gradients with that point's own deltas (else the clean ones)
     uses_steps: bool = False  # the number of steps changes the points
+    per_layer: bool = False  # the points again for every layer's outputs interpolated (circuits.methods.ig_activations)
 
 
 GRADIENT_METHODS: dict[str, GradientMethod] = {
     "eap": GradientMethod(lambda steps: [CLEAN]),
     "eap-ig-inputs": GradientMethod(lambda steps: [(k / steps, None) for k in range(steps)], uses_steps=True),
-    "eap-ig-activations": GradientMethod(
+    "eap-ig-mask": GradientMethod(
         lambda steps: [(1.0, (k + 0.5) / steps) for k in range(steps)], per_point=True, uses_steps=True
+    ),
+    "eap-ig-activations": GradientMethod(  # the input group's points; the layers' groups repeat them
+        lambda steps: [(k / steps, None) for k in range(1, steps + 1)], uses_steps=True, per_layer=True
     ),
     "clean-corrupted": GradientMethod(lambda steps: [CLEAN, (0.0, None)]),
 }
@@ -102,7 +110,7 @@ def gradient_scores(
     batch are saved after each batch and a saved sum is resumed from (the same sums in the same order)."""
     graph = model.graph
     spec = GRADIENT_METHODS[method]
-    trim = not any(mask_value is not None for _, mask_value in spec.points(ig_steps))  # no forward reads the patch
+    trim = not spec.per_layer and not any(mask is not None for _, mask in spec.points(ig_steps))  # no forward reads it
     scores, start = resumed_sum(checkpoint, torch.zeros(graph.n_src, graph.n_dst))
     plan = BatchPlan.of(batch_size, model.device)
     compute = partial(_batch_scores, model, task, method=method, ig_steps=ig_steps)
@@ -122,6 +130,10 @@ def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps:
     point. A method with per-point deltas runs one point over the whole batch at a time.
     """
     spec = GRADIENT_METHODS[method]
+    if spec.per_layer:  # a loop over the layers of its own
+        from .ig_activations import layer_batch_scores  # it builds on this module's contraction
+
+        return layer_batch_scores(model, task, batch, ig_steps)
     tokens, points = batch.tokens, spec.points(ig_steps)
     ids = tokens.clean_ids
     with torch.no_grad():
