@@ -137,6 +137,23 @@ def test_the_circuit_has_at_most_target_edges_selected_by_the_learned_scores(mod
     assert learned.min() >= circuit.scores[model.graph.real].sort(descending=True).values[24]
 
 
+@pytest.mark.parametrize("method", learn.LEARN_METHODS)
+def test_learned_scores_select_the_largest_learned_numbers_signed_and_by_magnitude(model, task, method):
+    circuit = run(model, task, method)
+    scores = learn.learned_scores(circuit, task)
+    learned = circuit.scores[model.graph.real]
+    threshold = learned.sort(descending=True).values[29]
+    largest = circuit.scores.nan_to_num(float("-inf")) >= threshold
+    for selected in (scores.most_helpful(30, task.higher_is_better), scores.top_n(30, absolute=True)):
+        assert (selected.mask & ~largest).sum() == 0  # never an edge below the 30th learned number
+
+
+def test_learned_scores_of_a_circuit_not_learned_are_refused(model, task):
+    scored = circuits.attribute(model, task, "eap", progress=False).top_n(10)
+    with pytest.raises(circuits.CircuitsError, match="learn_circuit"):
+        learn.learned_scores(scored, task)
+
+
 def test_sparsity_is_the_share_of_edges_left_out(model, task):
     circuit = run(model, task, target_edges=None, sparsity=0.9)
     assert circuit.meta["target_edges"] == round(0.1 * len(model.graph))

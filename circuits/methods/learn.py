@@ -59,6 +59,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,7 +385,9 @@ def _generator(seed: int, purpose: str, step: int = 0) -> torch.Generator:
 
 
 @dataclass
-class _Learner:
+class _Learner(ABC):
+    """What both methods share: the learned numbers, the optimiser and the last step's report."""
+
     model: Model
     task: Task
     settings: _Settings
@@ -397,11 +400,13 @@ class _Learner:
     def real(self) -> torch.Tensor:
         return self.model.graph.real.to(self.model.device)
 
+    @abstractmethod
     def scores(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The learned number of every edge (higher: kept more often)."""
 
+    @abstractmethod
     def step(self, step: int, batch: Batch, clean: torch.Tensor) -> dict[str, float]:
-        raise NotImplementedError
+        """One optimiser step on ``batch``; returns the report (loss, expected edge count, ...)."""
 
 
 def hard_concrete(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -413,6 +418,22 @@ def hard_concrete(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
     """P(z > 0) of the hard-concrete mask: its expected L0 norm per edge (1 - their cdf at 0)."""
     return torch.sigmoid(log_alpha - BETA * math.log(-LEFT / RIGHT))
+
+
+def learned_scores(circuit: Circuit, task: Task) -> Scores:
+    """A ``learn_circuit`` circuit's learned numbers as Scores that every selection ranks as the method does.
+
+    The numbers are shifted to be >= 0 (the same order; MIB ranks UGS's edges by ``sigmoid(alpha)``, the same
+    order again, but a float32 sigmoid ties the many saturated edges near 1) and given the sign of a score that
+    carries the task (``helpful_sign``), so ``most_helpful``, ``top_n`` by magnitude and ``faithfulness_curve``
+    all take the edges with the largest learned numbers first.
+    """
+    method = circuit.meta.get("method")
+    if circuit.scores is None or method not in LEARN_METHODS:
+        raise CircuitsError(f"a circuit of learn_circuit (one of {list(LEARN_METHODS)}) needed, got method {method!r}")
+    real = circuit.graph.real
+    shifted = (circuit.scores - circuit.scores[real].min()).masked_fill(~real, float("nan"))
+    return Scores(circuit.graph, helpful_sign(task.higher_is_better, task.metric) * shifted, "edge", circuit.meta)
 
 
 class EdgePruning(_Learner):
