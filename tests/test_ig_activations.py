@@ -54,9 +54,9 @@ def naive_scores(model, task, ablation, steps=STEPS):
     graph, oracle, tokens = model.graph, Oracle(model.hf), task.tokenize()
     lay = oracle.lay
     assert lay.residual_multiplier == 1.0 and lay.attn_post_norm is None  # the families this file tests
-    clean = captured(oracle, graph, tokens.clean_ids, tokens.attention_mask)
+    clean = oracle.source_outputs(graph.sources, tokens.clean_ids, tokens.attention_mask)
     if ablation == "patching":
-        patch = captured(oracle, graph, tokens.corrupted_ids, tokens.attention_mask)
+        patch = oracle.source_outputs(graph.sources, tokens.corrupted_ids, tokens.attention_mask)
     elif ablation == "mean":
         weights = tokens.attention_mask[..., None].double()
         patch = {u: (out.double() * weights).sum((0, 1)) / weights.sum() for u, out in clean.items()}
@@ -75,16 +75,6 @@ def naive_scores(model, task, ablation, steps=STEPS):
             grads = torch.stack([grads[v].flatten() for v in graph.destinations]).double()
             scores += deltas @ grads.T / (len(groups) * steps)  # d metric / d probe_v = - d metric / d in_v
     return scores.float().masked_fill(~graph.real, float("nan"))
-
-
-@torch.no_grad()
-def captured(oracle, graph, ids, mask):
-    stores = {u: {} for u in graph.sources}
-    with ExitStack() as stack:
-        for u in graph.sources:
-            stack.enter_context(oracle._capture_source(u, stores[u]))
-        oracle.hf(ids, attention_mask=mask)
-    return {u: store["out"] for u, store in stores.items()}
 
 
 def probe_gradients(model, oracle, tokens, group, held):
@@ -243,6 +233,15 @@ def test_the_scores_record_their_steps_and_are_not_the_mask_methods(task):
     assert layers.meta["method"] == "eap-ig-activations" and layers.meta["ig_steps"] == STEPS
     difference = (layers.tensor - mask.tensor)[model.graph.real].abs().max()
     assert difference > 0.05 * mask.tensor[model.graph.real].abs().max()
+
+
+def test_a_progress_bar_counts_the_layer_groups_of_each_batch(task, capsys):
+    model = circuits.Model.from_hf(tiny_hf("llama"))
+    circuits.attribute(model, task, "eap-ig-activations", ig_steps=STEPS, progress=True)
+    groups = len(ig_activations.layer_groups(model.graph))  # one stacked run: 6 examples x 2 steps in one batch
+    assert "layer groups: 100%|" in capsys.readouterr().err and groups == 2 * model.graph.n_layers + 1
+    circuits.attribute(model, task, "eap-ig-activations", ig_steps=STEPS, progress=False)
+    assert "layer groups" not in capsys.readouterr().err
 
 
 def test_a_batch_leaves_no_graph_for_the_garbage_collector(task):

@@ -113,14 +113,16 @@ def gradient_scores(
     trim = not spec.per_layer and not any(mask is not None for _, mask in spec.points(ig_steps))  # no forward reads it
     scores, start = resumed_sum(checkpoint, torch.zeros(graph.n_src, graph.n_dst))
     plan = BatchPlan.of(batch_size, model.device)
-    compute = partial(_batch_scores, model, task, method=method, ig_steps=ig_steps)
+    compute = partial(_batch_scores, model, task, method=method, ig_steps=ig_steps, progress=progress)
     for index, batch_scores in batch_results(model, task, ablation, plan, compute, progress, start, trim):
         scores += batch_scores.float()
         save_sum(checkpoint, scores, index + 1)
     return scores
 
 
-def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps: int) -> torch.Tensor:
+def _batch_scores(
+    model: Model, task: Task, batch: Batch, method: str, ig_steps: int, progress: bool = False
+) -> torch.Tensor:
     """One batch's scores. The positions before ``batch.start`` (which every pair shares) are left out; a
     trimmed patch is used up: the deltas are written over it.
 
@@ -133,7 +135,7 @@ def _batch_scores(model: Model, task: Task, batch: Batch, method: str, ig_steps:
     if spec.per_layer:  # a loop over the layers of its own
         from .ig_activations import layer_batch_scores  # it builds on this module's contraction
 
-        return layer_batch_scores(model, task, batch, ig_steps)
+        return layer_batch_scores(model, task, batch, ig_steps, progress)
     tokens, points = batch.tokens, spec.points(ig_steps)
     ids = tokens.clean_ids
     with torch.no_grad():

@@ -45,7 +45,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from tqdm.auto import tqdm
 
+from .. import distributed
 from ..engine import patched_forward
 from ..errors import CircuitsError
 from ..graph import Graph
@@ -63,8 +65,9 @@ def layer_groups(graph: Graph) -> list[slice]:
     return groups
 
 
-def layer_batch_scores(model: Model, task: Task, batch: Batch, ig_steps: int) -> torch.Tensor:
-    """One batch's ``eap-ig-activations`` scores ``[n_src, n_dst]`` (on the CPU, float32)."""
+def layer_batch_scores(model: Model, task: Task, batch: Batch, ig_steps: int, progress: bool = False) -> torch.Tensor:
+    """One batch's ``eap-ig-activations`` scores ``[n_src, n_dst]`` (on the CPU, float32); ``progress`` shows
+    a bar over its forward/backwards (a batch takes (2L + 1) x ``ig_steps`` of them, stacked a few at a time)."""
     if batch.trimmed:
         raise CircuitsError("eap-ig-activations needs the whole ablation values (a batch made with trim=False)")
     graph, tokens, start = model.graph, batch.tokens, batch.start
@@ -84,6 +87,8 @@ def layer_batch_scores(model: Model, task: Task, batch: Batch, ig_steps: int) ->
     held = torch.zeros(
         (graph.n_src, most_rows, seq, model.adapter.d_model), dtype=model.dtype, device=model.device
     )  # the ablation values of a run: its group's rows hold c_G(a) for each stacked step; the others are unread
+    shown = progress and distributed.is_main()
+    bar = tqdm(desc="layer groups", total=len(runs) * len(groups), disable=not shown, leave=False)
     for examples, ks in runs:
         count, repeat = examples.stop - examples.start, len(ks)
         rows = count * repeat
@@ -113,7 +118,9 @@ def layer_batch_scores(model: Model, task: Task, batch: Batch, ig_steps: int) ->
             logits = run.logits.unflatten(0, (repeat, -1))  # [steps of this run, examples, ...]
             value = sum(metric_sum(task, step_logits, run_batch, clean_logits[examples]) for step_logits in logits)
             torch.autograd.grad(value / n_points, embeddings, allow_unused=True)
+            bar.update(1)
         contraction.flush()
+    bar.close()
     return contraction.scores.cpu()
 
 
