@@ -9,7 +9,7 @@ exact methods.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -344,6 +344,16 @@ class Oracle:
         finally:
             for hook in hooks:
                 hook.remove()
+
+    @torch.no_grad()
+    def source_outputs(self, sources, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+        """Every source's output in one run of the HF model, by this oracle's hooks."""
+        stores = {u: {} for u in sources}
+        with ExitStack() as stack:
+            for u in sources:
+                stack.enter_context(self._capture_source(u, stores[u]))
+            self.hf(input_ids, attention_mask=attention_mask)
+        return {u: store["out"] for u, store in stores.items()}
 
     @torch.no_grad()
     def source_output(self, src: str, input_ids, attention_mask) -> torch.Tensor:

@@ -56,9 +56,9 @@ def oracle_scores(model, task, method, ablation, steps=STEPS):
     """Edge scores by hooks: one HF forward/backward per gradient point, every destination probed at once."""
     graph, oracle, tokens = model.graph, Oracle(model.hf), task.tokenize()
     ids, mask = tokens.clean_ids, tokens.attention_mask
-    clean = source_outputs(oracle, graph, ids, mask)
+    clean = oracle.source_outputs(graph.sources, ids, mask)
     if ablation == "patching":
-        patch = source_outputs(oracle, graph, tokens.corrupted_ids, mask)
+        patch = oracle.source_outputs(graph.sources, tokens.corrupted_ids, mask)
     elif ablation == "mean":
         weights = mask[..., None].to(torch.float32)
         patch = {u: (out * weights).sum((0, 1)) / weights.sum() for u, out in clean.items()}
@@ -73,17 +73,6 @@ def oracle_scores(model, task, method, ablation, steps=STEPS):
         grads = torch.stack([grads[v].flatten() for v in graph.destinations]).double()
         scores += deltas @ grads.T / len(points)  # d metric / d z_v = - d metric / d in_v
     return scores.float().masked_fill(~graph.real, float("nan"))
-
-
-@torch.no_grad()
-def source_outputs(oracle, graph, ids, mask):
-    """Every source's output in one run of the HF model, by the oracle's hooks."""
-    stores = {u: {} for u in graph.sources}
-    with ExitStack() as stack:
-        for u in graph.sources:
-            stack.enter_context(oracle._capture_source(u, stores[u]))
-        oracle.hf(ids, attention_mask=mask)
-    return {u: store["out"] for u, store in stores.items()}
 
 
 def oracle_point(model, oracle, tokens, clean, patch, alpha, m):
