@@ -18,6 +18,7 @@ from contextlib import ExitStack
 import pytest
 import torch
 from oracle import Oracle, _module
+from test_gradient import prefix_task  # pairs sharing a prefix, of different lengths
 
 import circuits
 from circuits.methods import gradient, ig_activations
@@ -26,20 +27,6 @@ from circuits.task import metric_values
 from circuits.testing import tiny_hf, tiny_pair
 
 STEPS = 2  # a = 1/2, 1: a few runs per layer group keep the tests fast
-
-
-def prefix_task(prefix=3, batch=6, seq=9, seed=1, metric="logit_diff"):
-    """Pairs of different lengths that agree on their first ``prefix`` tokens (a trimmed prefix to skip)."""
-    clean, corrupted, mask = tiny_pair(batch=batch, seq=seq, seed=seed)
-    lengths = mask.sum(1).tolist()
-    clean_ids = [row[:n].tolist() for row, n in zip(clean, lengths, strict=True)]
-    corrupted_ids = [
-        c[:prefix] + row[prefix:n].tolist() for c, row, n in zip(clean_ids, corrupted, lengths, strict=True)
-    ]
-    corrupted_ids[0][prefix] = (clean_ids[0][prefix] + 1) % 60
-    answers = [int(row[0]) for row in clean]
-    wrong = [(a + 7) % 60 + 1 for a in answers]
-    return circuits.Task.from_token_ids("prefix", clean_ids, corrupted_ids, answers, wrong, metric=metric)
 
 
 @pytest.fixture(scope="module")
