@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import re
 from contextlib import ExitStack
 
 import pytest
@@ -222,11 +223,13 @@ def test_the_scores_record_their_steps_and_are_not_the_mask_methods(task):
     assert difference > 0.05 * mask.tensor[model.graph.real].abs().max()
 
 
-def test_a_progress_bar_counts_the_layer_groups_of_each_batch(task, capsys):
+def test_a_progress_bar_counts_the_forward_backwards_of_each_batch(task, capsys):
     model = circuits.Model.from_hf(tiny_hf("llama"))
     circuits.attribute(model, task, "eap-ig-activations", ig_steps=STEPS, progress=True)
-    groups = len(ig_activations.layer_groups(model.graph))  # one stacked run: 6 examples x 2 steps in one batch
-    assert "layer groups: 100%|" in capsys.readouterr().err and groups == 2 * model.graph.n_layers + 1
+    runs = gradient.stacked_runs(len(task), STEPS)  # the task is one batch: its examples and steps, stacked
+    total = len(runs) * len(ig_activations.layer_groups(model.graph))
+    shown = re.findall(r"layer groups:\s+\d+%\|[^|]*\| \d+/(\d+)", capsys.readouterr().err)
+    assert shown and {int(t) for t in shown} == {total}
     circuits.attribute(model, task, "eap-ig-activations", ig_steps=STEPS, progress=False)
     assert "layer groups" not in capsys.readouterr().err
 
