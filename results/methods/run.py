@@ -188,10 +188,17 @@ def measure(
     return outcome
 
 
+def finished(model_name: str, task_name: str, name: str, ablation: str, force: bool) -> bool:
+    """Has this run an outcome file that stands (no ``--force``)? Says so when it has."""
+    done = outcome_path(model_name, task_name, name, ablation).exists() and not force
+    if done:
+        print(f"{model_name} / {task_name} / {name} ({ablation}): done before, skipped (--force reruns it)")
+    return done
+
+
 def run(model_name: str, task_name: str, name: str, ablation: str, force: bool, get) -> None:
     path = outcome_path(model_name, task_name, name, ablation)
-    if path.exists() and not force:
-        print(f"{model_name} / {task_name} / {name} ({ablation}): done before, skipped (--force reruns it)")
+    if finished(model_name, task_name, name, ablation, force):
         return
     model, task, truth = get()
     print(f"{model_name} / {task_name} / {name} ({ablation})", flush=True)
@@ -207,8 +214,7 @@ def run_isolated(task_name: str, name: str, force: bool) -> None:
     """A mask-learning run on SmolLM2 in a process of its own: one the kernel kills for memory (Edge Pruning on
     docstring's long prompts needs more than 23 GB) is recorded as failed, and the other runs go on."""
     path = outcome_path(MODEL, task_name, name, "patching")
-    if path.exists() and not force:
-        print(f"{MODEL} / {task_name} / {name} (patching): done before, skipped (--force reruns it)")
+    if finished(MODEL, task_name, name, "patching", force):
         return
     argv = [sys.executable, __file__, "--part", "catalogue", "--tasks", task_name, "--methods", name, "--child"]
     status = subprocess.run([*argv, *(["--force"] if force else [])], check=False).returncode
