@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .choices import METRICS
 from .errors import CircuitsError
 from .io import atomic_write_text
+from .spans import check_declared, span_ids, token_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -62,6 +63,9 @@ class TokenizedTask:
     targets: torch.Tensor | None = None  # [N, T] float: the expected output id, or value (numeric), per position
     numeric: bool = False  # targets are values of output unit 0, not output ids
     tolerance: float = 0.0  # a numeric output is correct within this distance of its target
+    # Declared spans (circuits.spans): the span index of every position (len(span_names) = rest), or None.
+    span_ids: torch.Tensor | None = None  # [N, T]
+    span_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.clean_ids)
@@ -95,6 +99,8 @@ class TokenizedTask:
             self.targets[rows, :length] if per_position else None,
             self.numeric,
             self.tolerance,
+            None if self.span_ids is None else self.span_ids[rows, :length],
+            self.span_names,
         )
 
     def to(self, device: torch.device | str) -> TokenizedTask:
@@ -196,9 +202,13 @@ class Task:
     ``metric`` is one of ``circuits.choices.METRICS`` or a callable ``(logits [B, V], TokenizedTask
     batch) -> [B]``; a callable declares ``higher_is_better`` (True when the clean model scores high
     and ablating what carries the task lowers it), which selecting the edges that carry the task needs.
+    ``spans``: per example, the character ranges ``[start, end)`` of the clean prompt that play each named
+    role (``{"IO": [5, 10], "S2": [33, 38], "END": [50, 53]}``), which position-resolved attribution groups
+    positions by (``circuits.spans``); every example names the same spans.
     """
 
     numeric = False  # tasks from from_outputs: are the outputs values rather than output ids?
+    spans: list[dict[str, list[int]]] | None = None  # declared spans per example (circuits.spans), checked
     tolerance = 0.0
     _declared_higher_is_better: bool | None = None
     # A task read from a file: (the file, each example's line number), so that errors name the line.
@@ -232,6 +242,7 @@ class Task:
         wrong_answers: Sequence[str | Sequence[str]],
         metric: Metric = "logit_diff",
         higher_is_better: bool | None = None,
+        spans: Sequence[dict[str, Sequence[int]]] | None = None,
     ):
         self.name = _check_name(name)
         self._set_metric(metric, higher_is_better)
@@ -244,6 +255,7 @@ class Task:
                 _answer_set(answer, str, f"example {i}: {field}")
         self.clean, self.corrupted = list(clean), list(corrupted)
         self.answers, self.wrong_answers = list(answers), list(wrong_answers)
+        self.spans = check_declared(spans, len(clean), True, self.clean)
         self.token_ids: dict[str, list] | None = None
         self._tokenized: dict[int, tuple[Any, TokenizedTask]] = {}
 
@@ -257,11 +269,13 @@ class Task:
         wrong_answer_ids: Sequence[int | Sequence[int]] | torch.Tensor | np.ndarray,
         metric: Metric = "logit_diff",
         higher_is_better: bool | None = None,
+        spans: Sequence[dict[str, int | Sequence[int]]] | None = None,
     ) -> Task:
         """A task given as token ids, for models without a tokenizer.
 
         Each column is a list (of lists), a list of 1-D tensors or numpy arrays, or one tensor or array:
         prompts ``[N, T]`` (every prompt T tokens), answers ``[N]`` (one each) or ``[N, k]`` (k each).
+        ``spans``: per example, ``{name: token position or list of them}`` (see ``circuits.spans``).
         """
         task = cls.__new__(cls)
         task.name = _check_name(name)
@@ -283,6 +297,7 @@ class Task:
             "answer_ids": _plain(answer_ids),
             "wrong_answer_ids": _plain(wrong_answer_ids),
         }
+        task.spans = check_declared(spans, len(clean_ids), False, task.token_ids["clean_ids"])
         task._tokenized = {}
         return task
 
@@ -358,7 +373,8 @@ class Task:
             extra = {"numeric": self.numeric, "tolerance": self.tolerance}
             return {"name": self.name, "metric": self.metric, **self.token_ids, **extra}
         columns = self.token_ids if self.token_ids else {key: getattr(self, key) for key in TEXT_KEYS}
-        return {"name": self.name, "metric": self.metric, **columns}
+        spans = {} if self.spans is None else {"spans": self.spans}
+        return {"name": self.name, "metric": self.metric, **columns, **spans}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Task:
@@ -375,8 +391,8 @@ class Task:
             options = {k: data[k] for k in ("numeric", "tolerance") if k in data}
             return cls.from_outputs(data["name"], *columns, metric=metric, **options)
         if keys is ID_KEYS:
-            return cls.from_token_ids(data["name"], *columns, metric=metric)
-        return cls(data["name"], *columns, metric=metric)
+            return cls.from_token_ids(data["name"], *columns, metric=metric, spans=data.get("spans"))
+        return cls(data["name"], *columns, metric=metric, spans=data.get("spans"))
 
     def __len__(self) -> int:
         return len(self.token_ids["clean_ids"]) if self.token_ids else len(self.clean)
@@ -396,6 +412,7 @@ class Task:
             elif self.token_ids:
                 ids = self.token_ids
                 tokenized = _pack(ids["clean_ids"], ids["corrupted_ids"], ids["answer_ids"], ids["wrong_answer_ids"])
+                tokenized = _with_spans(tokenized, self.spans)
             else:
                 try:
                     tokenized = self._tokenize_text(tokenizer)
@@ -441,7 +458,13 @@ class Task:
             corrupted_ids.append(corrupted)
             answer_ids.append(_single_tokens(tokenizer, self.answers[i], f"example {i}: answer"))
             wrong_ids.append(_single_tokens(tokenizer, self.wrong_answers[i], f"example {i}: wrong answer"))
-        return _pack(clean_ids, corrupted_ids, answer_ids, wrong_ids)
+        positions = None
+        if self.spans is not None:
+            positions = [
+                token_positions(tokenizer, self.clean[i], self.spans[i], clean_ids[i], f"example {i}")
+                for i in range(len(self))
+            ]
+        return _with_spans(_pack(clean_ids, corrupted_ids, answer_ids, wrong_ids), positions)
 
     # --- subsets and files ------------------------------------------------------------
     def _select(self, indices: Sequence[int], name: str | None = None) -> Task:
@@ -457,13 +480,18 @@ class Task:
             return Task.from_outputs(
                 name, *columns, self.metric, self.numeric, self.tolerance, self._declared_higher_is_better
             )
+        spans = None if self.spans is None else [self.spans[i] for i in indices]
         if self.token_ids:
             columns = {key: [values[i] for i in indices] for key, values in self.token_ids.items()}
             return Task.from_token_ids(
-                name, *columns.values(), metric=self.metric, higher_is_better=self._declared_higher_is_better
+                name,
+                *columns.values(),
+                metric=self.metric,
+                higher_is_better=self._declared_higher_is_better,
+                spans=spans,
             )
         columns = [[getattr(self, key)[i] for i in indices] for key in TEXT_KEYS]
-        return Task(name, *columns, metric=self.metric, higher_is_better=self._declared_higher_is_better)
+        return Task(name, *columns, metric=self.metric, higher_is_better=self._declared_higher_is_better, spans=spans)
 
     def subset(self, n: int) -> Task:
         """The first ``n`` examples."""
@@ -488,9 +516,10 @@ class Task:
         ``clean_ids``, ``corrupted_ids``, ``outputs``, ``positions`` for tasks scored at several positions)."""
         keys = OUTPUT_KEYS if self.per_position else ID_KEYS if self.token_ids else TEXT_KEYS
         columns = [self.token_ids[k] for k in keys] if self.token_ids else [getattr(self, k) for k in keys]
-        lines = [
-            json.dumps(dict(zip(keys, row, strict=True)), ensure_ascii=False) for row in zip(*columns, strict=True)
-        ]
+        rows = [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=True)]
+        for row, spans in zip(rows, self.spans or [], strict=False):
+            row["spans"] = spans
+        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
         return atomic_write_text(path, "\n".join(lines) + "\n")
 
     @classmethod
@@ -509,7 +538,7 @@ class Task:
         except UnicodeDecodeError as error:
             line = data[: error.start].count(b"\n") + 1
             raise CircuitsError(f"{path}, line {line}: not UTF-8 text ({error.reason})") from None
-        rows, numbers = [], []
+        rows, numbers, spans = [], [], []
         for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
@@ -530,6 +559,7 @@ class Task:
             if rows and rows[0][0] is not keys:
                 raise CircuitsError(f"{path}, line {number}: mixes kinds of examples (text, token ids, outputs)")
             rows.append((keys, [row[key] for key in keys]))
+            spans.append(row.get("spans"))
             numbers.append(number)
         if not rows:
             raise CircuitsError(f"task file {path} holds no examples")
@@ -540,10 +570,11 @@ class Task:
                 numeric = any(isinstance(value, float) for row in columns[2] if isinstance(row, list) for value in row)
                 metric = "l2" if metric == "logit_diff" else metric
                 task = cls.from_outputs(name, *columns, metric=metric, numeric=numeric)
-            elif rows[0][0] is ID_KEYS:
-                task = cls.from_token_ids(name, *columns, metric=metric)
-            else:
-                task = cls(name, *columns, metric=metric)
+            declared = None if all(row is None for row in spans) else spans  # a line without them: an error
+            if rows[0][0] is ID_KEYS:
+                task = cls.from_token_ids(name, *columns, metric=metric, spans=declared)
+            elif rows[0][0] is TEXT_KEYS:
+                task = cls(name, *columns, metric=metric, spans=declared)
         except CircuitsError as error:
             raise CircuitsError(_at_line(str(error), path, numbers)) from None
         task._origin = (path, numbers)
@@ -764,6 +795,14 @@ def _pack(clean_ids, corrupted_ids, answer_ids, wrong_ids) -> TokenizedTask:
     wrong, wrong_mask = _pad([w if isinstance(w, list) else [w] for w in wrong_ids])
     positions = attention.sum(1) - 1
     return TokenizedTask(clean, corrupted, attention.long(), positions, answers, answer_mask, wrong, wrong_mask)
+
+
+def _with_spans(tokenized: TokenizedTask, positions: list[dict[str, list[int]]] | None) -> TokenizedTask:
+    """``tokenized`` with the span index of every position, from each example's span -> token positions."""
+    if positions is None:
+        return tokenized
+    names = tuple(positions[0])
+    return replace(tokenized, span_ids=span_ids(names, positions, tokenized.clean_ids.shape[1]), span_names=names)
 
 
 def _pack_outputs(clean_ids, corrupted_ids, outputs, positions, numeric: bool, tolerance: float) -> TokenizedTask:
