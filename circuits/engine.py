@@ -61,6 +61,10 @@ def patched_forward(
     input_embeddings: torch.Tensor | None = None,
     source_hook: SourceHook | None = None,
     grad_from: int = 0,
+    spans: torch.Tensor | None = None,
+    neuron_mask: torch.Tensor | None = None,
+    hidden_mask: torch.Tensor | None = None,
+    hidden_patch: torch.Tensor | None = None,
 ) -> PatchedOutput:
     """Run the model with every edge ``u->v`` weighted by ``edge_mask[u, v]``.
 
@@ -82,20 +86,46 @@ def patched_forward(
             in forward order: a caller can keep what it needs of them instead of all of them.
         grad_from: the grad hook receives gradients at positions ``grad_from`` onward only,
             ``[n, B, T - grad_from, D]`` (a caller that needs no gradient before it saves their memory).
+        spans: ``[B, T]`` span index of every position, for an edge mask resolved by span, ``[n_src, n_dst, S]``:
+            destination v reads ``resid - sum_u (1 - m[u, v, s]) delta_u`` at a position of span s (``circuits.spans``).
+        neuron_mask: ``[n_src, D]``, each source's output dimensions: source u writes
+            ``patch_u + m_u * (out_u - patch_u)`` to every reader (no edge mask with it).
+        hidden_mask, hidden_patch: ``[n_layers, d_mlp]`` and ``[n_layers, B or 1, T or 1, d_mlp]`` (None: zero),
+            each MLP's hidden units: unit j of layer l reads ``patch + m[l, j] * (h - patch)`` (``hidden_units``).
 
     With a grad hook and a mask of ones (or any constant mask) every destination of a layer reads the
     same stream: it is not copied per destination; each head's q/k/v projection reads its own stride-0 view
     of the normed stream, so that the backward can give each destination its own gradient.
     """
-    removal = None if edge_mask is None else check_edge_mask(model, edge_mask)
+    removal = None if edge_mask is None else check_edge_mask(model, edge_mask, spans, input_ids)
     if removal is not None and not removal.requires_grad and not removal.any():
         removal = None  # a constant mask of ones: the plain computation
+    if neuron_mask is not None and edge_mask is not None:
+        raise CircuitsError("a neuron mask ablates sources for every reader; pass it without an edge mask")
+    neuron_removal = None if neuron_mask is None else check_neuron_mask(model, neuron_mask)
     run = _Run.start(
-        model, input_ids, attention_mask, removal, patch, keep_outputs, grad_hook, input_embeddings, source_hook
+        model,
+        input_ids,
+        attention_mask,
+        removal,
+        patch,
+        keep_outputs,
+        grad_hook,
+        input_embeddings,
+        source_hook,
+        spans,
+        neuron_removal,
     )
     run.grad_from = grad_from
-    for slots in model.graph.layers:
-        run.layer(slots)
+    hidden = contextlib.nullcontext()
+    if hidden_mask is not None:
+        removal = check_hidden_mask(model, hidden_mask)
+        if hidden_patch is not None:
+            check_hidden_patch(model, hidden_patch, *run.resid.shape[:2], removal.shape[1])
+        hidden = hidden_units(model, partial(_mask_hidden, removal, hidden_patch))
+    with hidden:
+        for slots in model.graph.layers:
+            run.layer(slots)
     return PatchedOutput(run.logits(logit_positions), torch.cat(run.outputs) if keep_outputs else None)
 
 
@@ -118,6 +148,8 @@ class _Run:
         self.outputs: list[torch.Tensor] = []
         self.contexts: dict[torch.device, Context] = {}  # ``ctx`` on the devices of layers placed elsewhere
         self.grad_from = 0  # the grad hook gets gradients from this position on
+        self.neuron_removal: torch.Tensor | None = None  # [n_src, D]: 1 - neuron mask (with ``patch``)
+        self.patch: torch.Tensor | None = None
 
     @classmethod
     def start(
@@ -131,13 +163,18 @@ class _Run:
         grad_hook: GradHook | None = None,
         input_embeddings: torch.Tensor | None = None,
         source_hook: SourceHook | None = None,
+        spans: torch.Tensor | None = None,
+        neuron_removal: torch.Tensor | None = None,
     ) -> _Run:
         """Validate the batch, embed it, and record the ``input`` source."""
         input_ids, attention_mask = check_batch(model, input_ids, attention_mask)
         batch, seq = input_ids.shape
         if patch is not None:
             check_patch(model, patch, batch, seq)
-        deltas = None if removal is None else _Deltas(removal, patch, (batch, seq, model.adapter.d_model))
+        shape = (batch, seq, model.adapter.d_model)
+        deltas = None
+        if removal is not None:
+            deltas = _Deltas(removal, patch, shape) if removal.dim() == 2 else _SpanDeltas(removal, patch, shape, spans)
         position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         if input_embeddings is None:
             resid = model.adapter.embed(input_ids, position_ids)
@@ -148,8 +185,19 @@ class _Run:
         if model.placement is not None:  # the rotary tables come from the rotary module's device
             ctx = move_context(ctx, model.placement.home)
         run = cls(model, ctx, resid, deltas, keep_outputs, grad_hook, source_hook)
-        run.add_sources(0, resid.unsqueeze(0))
+        run.neuron_removal, run.patch = neuron_removal, patch
+        run.resid = run.masked(0, resid.unsqueeze(0))[0]
+        run.add_sources(0, run.resid.unsqueeze(0))
         return run
+
+    def masked(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Sources ``start`` onward as their readers see them under the neuron mask (``out`` without one)."""
+        if self.neuron_removal is None:
+            return out
+        removal = self.neuron_removal[start : start + len(out), None, None, :]
+        if self.patch is None:
+            return out - removal * out
+        return out - removal * (out - self.patch[start : start + len(out)])
 
     def add_sources(self, start: int, out: torch.Tensor) -> None:
         if self.keep_outputs:
@@ -206,8 +254,9 @@ class _Run:
         if adapter.parallel:  # the MLP reads the stream the heads read: before they are added
             mlp_in = there(self.read(mlp_slot, slots.mlp_reads))
         z = adapter.attend(layer, q, k, v, ctx)
-        if self.keep_outputs or self.source_hook is not None or (self.deltas is not None and self.deltas.needs_sources):
-            heads = back(adapter.head_outputs(layer, z))
+        per_head = self.keep_outputs or self.source_hook is not None or self.neuron_removal is not None
+        if per_head or (self.deltas is not None and self.deltas.needs_sources):
+            heads = self.masked(slots.heads.start, back(adapter.head_outputs(layer, z)))
             self.add_sources(slots.heads.start, heads)
             attention_out = heads.sum(0)
             bias = adapter.out_bias(layer)
@@ -216,11 +265,12 @@ class _Run:
         else:
             attention_out = back(adapter.attention_output(layer, z))
         if adapter.parallel:
-            mlp_out = back(adapter.mlp(layer, mlp_in)[0])
+            mlp_out = self.masked(slots.mlp_source, back(adapter.mlp(layer, mlp_in)[:1]))[0]
             self.resid = mlp_out + attention_out + self.resid
         else:
             self.resid = attention_out + self.resid
-            mlp_out = back(adapter.mlp(layer, there(self.read(mlp_slot, slots.mlp_reads)))[0])
+            mlp_out = back(adapter.mlp(layer, there(self.read(mlp_slot, slots.mlp_reads)))[:1])
+            mlp_out = self.masked(slots.mlp_source, mlp_out)[0]
             self.resid = self.resid + mlp_out
         self.add_sources(slots.mlp_source, mlp_out.unsqueeze(0))
 
@@ -375,10 +425,13 @@ class PrefixCache:
             self.layers_run += graph.n_layers - from_layer
             return run.logits(self.logit_positions)
 
-    def run_ablations(self, units: list[tuple[int, int | None]], from_layer: int) -> torch.Tensor:
+    def run_ablations(
+        self, units: list[tuple[int, int | None]], from_layer: int, spans: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits ``[k, B, V]`` for k single ablations of the base run, side by side in one forward.
 
-        A unit ``(u, v)`` ablates the edge ``u->v``; ``(u, None)`` every edge out of source ``u``.
+        A unit ``(u, v)`` ablates the edge ``u->v``; ``(u, None)`` every edge out of source ``u``; with each
+        position's span ``spans`` ``[B, T]``, ``(u, v, s)`` the edge at the positions of span s only.
         Valid when the base mask is all ones (the clean run) and no unit touches a destination
         before ``from_layer``.
         """
@@ -386,7 +439,7 @@ class PrefixCache:
         resid, _ = self.states[from_layer]
         batch = resid.shape[0]
         with torch.no_grad():
-            rows = torch.tensor([u for u, _ in units], device=self.base_deltas.device)
+            rows = torch.tensor([unit[0] for unit in units], device=self.base_deltas.device)
             deltas = self.base_deltas.index_select(0, rows).view(copies, *resid.shape)
             ctx = self.ctx
             ctx = Context(
@@ -394,6 +447,9 @@ class PrefixCache:
                 {w: m.repeat(copies, 1, 1, 1) for w, m in ctx.sliding_masks.items()},
                 map_rotary(ctx.rotary, lambda table: table.repeat(copies, 1, 1)),
             )
+            if spans is not None:  # each copy's delta at its span's positions only
+                chosen = torch.tensor([unit[2] for unit in units], device=spans.device)
+                deltas = deltas * (spans[None] == chosen[:, None, None]).to(deltas.dtype).unsqueeze(-1)
             run = _Run(self.model, ctx, resid.repeat(copies, 1, 1), _Ablations(units, deltas, batch))
             for slots in graph.layers[from_layer:]:
                 run.layer(slots)
@@ -407,12 +463,13 @@ class _Ablations:
     """Reads for k copies of one clean batch, copy r with one source ``u_r`` ablated on some destinations.
 
     Copy r's destination ``v_r`` (or every reader of ``u_r`` when ``v_r`` is None) reads
-    ``resid - delta_{u_r}``; everything else reads its own copy's stream.
+    ``resid - delta_{u_r}`` (at its span's positions only, when resolved by span); everything else reads its own
+    copy's stream.
     """
 
     needs_sources = False
 
-    def __init__(self, units: list[tuple[int, int | None]], deltas: torch.Tensor, batch: int):
+    def __init__(self, units: list[tuple], deltas: torch.Tensor, batch: int):
         self.units, self.deltas, self.batch = units, deltas, batch
 
     def add(self, start: int, out: torch.Tensor) -> None:
@@ -421,7 +478,7 @@ class _Ablations:
     def read(self, resid: torch.Tensor, destinations: slice, n_reads: int) -> torch.Tensor:
         hits = [
             (copy, None if v is None else v - destinations.start)
-            for copy, (u, v) in enumerate(self.units)
+            for copy, (u, v, *_) in enumerate(self.units)
             if u < n_reads and (v is None or destinations.start <= v < destinations.stop)
         ]
         if not hits:
@@ -527,6 +584,106 @@ class _Deltas:
         if 4 * len(rows) > len(weights):
             return weights.T @ self.buffer[: len(weights)]
         return weights[rows].T @ self.buffer.index_select(0, rows)
+
+
+class _SpanDeltas:
+    """The sources' deltas read by span: removal ``[n_src, n_dst, S]`` and each position's span ``[B, T]``.
+
+    The deltas are kept with their positions sorted by span, so that each span's read is one product over a
+    contiguous block of positions; the blocks are put back in position order after. Plain reads with the
+    edges of a span's positions only; every mask is read as given (no shortcut for constant masks).
+    """
+
+    needs_sources = True
+
+    def __init__(self, removal: torch.Tensor, patch: torch.Tensor | None, shape: tuple, spans: torch.Tensor):
+        self.removal, self.patch, self.shape = removal, patch, shape
+        flat = spans.flatten()
+        self.order = torch.argsort(flat, stable=True)  # positions grouped by span
+        self.inverse = torch.argsort(self.order)
+        counts = torch.bincount(flat, minlength=removal.shape[2]).tolist()
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        self.blocks = [(s, end - count, end) for s, (count, end) in enumerate(zip(counts, ends, strict=True)) if count]
+        self.chunks: list[torch.Tensor] = []  # per group of sources: deltas [k, B * T sorted by span, D]
+        self.count = 0
+
+    def add(self, start: int, out: torch.Tensor) -> None:
+        delta = out if self.patch is None else out - self.patch[start : start + len(out)]
+        delta = delta.expand(len(out), *self.shape)  # a patch may broadcast over the batch
+        self.chunks.append(delta.flatten(1, 2).index_select(1, self.order))
+        self.count = start + len(out)
+
+    def read(self, resid: torch.Tensor, destinations: slice, n_reads: int) -> torch.Tensor:
+        assert n_reads == self.count, "a destination reads every source computed before it"
+        removal = self.removal[:n_reads, destinations]  # [k, n, S]
+        if not removal.requires_grad and not removal.any():
+            return resid.unsqueeze(0)
+        n, d_model = removal.shape[1], self.shape[-1]
+        parts = []
+        for span, first, end in self.blocks:
+            removed, start = None, 0
+            for delta in self.chunks:
+                weights = removal[start : start + len(delta), :, span]
+                start += len(delta)
+                if weights.requires_grad or weights.any():
+                    term = weights.T @ delta[:, first:end].flatten(1)
+                    removed = term if removed is None else removed + term
+            parts.append(resid.new_zeros(n, (end - first) * d_model) if removed is None else removed)
+        removed = torch.cat([part.view(n, -1, d_model) for part in parts], 1).index_select(1, self.inverse)
+        return resid.unsqueeze(0) - removed.view(n, *self.shape)
+
+
+@contextlib.contextmanager
+def hidden_units(model: Model, transform: Callable[[int, torch.Tensor], torch.Tensor]):
+    """While the block runs, each MLP's hidden units ``h`` ``[B, T, d_mlp]`` (the input of its output projection,
+    ``Adapter.mlp_hidden_module``) are replaced by ``transform(layer, h)``: to read them, patch them, or hook their
+    gradient. Every module is found before any hook is installed; the hooks are removed on exit."""
+    adapter = model.adapter
+    modules = [adapter.mlp_hidden_module(layer) for layer in range(adapter.n_layers)]
+    hooks = []
+    try:
+        for layer, module in enumerate(modules):
+            hooks.append(module.register_forward_pre_hook(partial(_transform_hidden, transform, layer)))
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _transform_hidden(transform: Callable, layer: int, module, args: tuple) -> tuple:
+    return (transform(layer, args[0]), *args[1:])
+
+
+def _mask_hidden(removal: torch.Tensor, patch: torch.Tensor | None, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    weight = removal[layer].to(hidden.device)
+    if patch is None:
+        return hidden - weight * hidden
+    return hidden - weight * (hidden - patch[layer].to(hidden.device))
+
+
+def mlp_hidden_values(
+    model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every MLP's hidden units on these prompts, ``[n_layers, B, T, d_mlp]`` (no gradients): the patching values
+    of the ``mlp-neuron`` level."""
+    input_ids, attention_mask = check_batch(model, input_ids, attention_mask)
+    values: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        values[layer] = hidden.detach().reshape(*input_ids.shape, -1).to(model.device)
+        return hidden
+
+    with torch.no_grad(), hidden_units(model, keep):
+        patched_forward(model, input_ids, attention_mask, logit_positions=_first(input_ids))
+    return torch.stack([values[layer] for layer in range(model.adapter.n_layers)])
+
+
+def mlp_width(model: Model) -> int:
+    """The MLPs' hidden units per layer (one width for every layer; a model with several is refused)."""
+    widths = {model.adapter.mlp_width(layer) for layer in range(model.adapter.n_layers)}
+    if len(widths) != 1:
+        raise CircuitsError(f"the MLPs have different widths {sorted(widths)}; the mlp-neuron level needs one")
+    return widths.pop()
 
 
 def unchanged_prefix(
@@ -755,18 +912,85 @@ def check_task(model: Model, tokenized: TokenizedTask) -> None:
             )
 
 
-def check_edge_mask(model: Model, edge_mask: torch.Tensor) -> torch.Tensor:
-    """Validate an edge mask; returns its removal ``1 - mask`` in the model's dtype (the weight on each delta)."""
+def check_edge_mask(
+    model: Model, edge_mask: torch.Tensor, spans: torch.Tensor | None = None, input_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Validate an edge mask (``[n_src, n_dst]``, or ``[n_src, n_dst, S]`` with each position's span ``spans``);
+    returns its removal ``1 - mask`` in the model's dtype (the weight on each delta)."""
     graph = model.graph
     expected = (graph.n_src, graph.n_dst)
-    if not isinstance(edge_mask, torch.Tensor) or tuple(edge_mask.shape) != expected:
+    resolved = isinstance(edge_mask, torch.Tensor) and edge_mask.dim() == 3
+    shaped = isinstance(edge_mask, torch.Tensor) and edge_mask.dim() in (2, 3)
+    if not shaped or tuple(edge_mask.shape[:2]) != expected:
         shape = tuple(edge_mask.shape) if isinstance(edge_mask, torch.Tensor) else type(edge_mask).__name__
-        raise CircuitsError(f"edge mask has shape {shape}; this model's graph needs [n_src, n_dst] = {list(expected)}")
+        raise CircuitsError(
+            f"edge mask has shape {shape}; this model's graph needs [n_src, n_dst] = {list(expected)} "
+            "(or [n_src, n_dst, n_spans] with spans)"
+        )
+    if resolved:
+        _check_spans(model, spans, edge_mask.shape[2], input_ids)
+    elif spans is not None:
+        raise CircuitsError("spans are given but the edge mask is not resolved by span ([n_src, n_dst, n_spans])")
     if not edge_mask.is_floating_point():
         raise CircuitsError(f"edge mask must be a float tensor (0 = ablated, 1 = kept), got dtype {edge_mask.dtype}")
     if edge_mask.device != model.device:
         raise CircuitsError(f"edge mask is on {edge_mask.device} but the model is on {model.device}")
     return (1 - edge_mask).to(model.dtype)
+
+
+def _check_spans(model: Model, spans: torch.Tensor | None, count: int, input_ids: torch.Tensor | None) -> None:
+    if spans is None:
+        raise CircuitsError(f"an edge mask resolved by {count} spans needs each position's span: pass spans [B, T]")
+    shape = None if input_ids is None else tuple(input_ids.shape)
+    if not isinstance(spans, torch.Tensor) or spans.dtype != torch.long or (shape and tuple(spans.shape) != shape):
+        got = f"{tuple(spans.shape)} {spans.dtype}" if isinstance(spans, torch.Tensor) else type(spans).__name__
+        raise CircuitsError(f"spans must be a long tensor of the ids' shape {shape}, got {got}")
+    if spans.device != model.device:
+        raise CircuitsError(f"spans are on {spans.device} but the model is on {model.device}")
+    if len(spans) and (int(spans.min()) < 0 or int(spans.max()) >= count):
+        b, t = ((spans < 0) | (spans >= count)).nonzero()[0].tolist()
+        raise CircuitsError(f"example {b}, position {t}: span {int(spans[b, t])} is not one of the mask's {count}")
+
+
+def check_neuron_mask(model: Model, neuron_mask: torch.Tensor) -> torch.Tensor:
+    """Validate a mask on the sources' output dimensions ``[n_src, D]``; returns its removal ``1 - mask``."""
+    expected = (model.graph.n_src, model.adapter.d_model)
+    return _removal(model, neuron_mask, expected, "neuron mask", "[n_src, d_model]")
+
+
+def check_hidden_mask(model: Model, hidden_mask: torch.Tensor) -> torch.Tensor:
+    """Validate a mask on the MLPs' hidden units ``[n_layers, d_mlp]``; returns its removal ``1 - mask``."""
+    expected = (model.adapter.n_layers, mlp_width(model))
+    return _removal(model, hidden_mask, expected, "hidden-unit mask", "[n_layers, d_mlp]")
+
+
+def check_hidden_patch(model: Model, patch: torch.Tensor, batch: int, seq: int, width: int) -> None:
+    """The MLP hidden units' ablation values: ``[n_layers, batch or 1, seq or 1, d_mlp]`` in the model's dtype."""
+    layers = model.adapter.n_layers
+    shape = tuple(patch.shape) if isinstance(patch, torch.Tensor) else None
+    if shape is None or len(shape) != 4 or shape[0] != layers or shape[1] not in (1, batch) or shape[2] not in (1, seq):
+        raise CircuitsError(
+            f"hidden-unit ablation values have shape {shape or type(patch).__name__}; need [n_layers, batch or 1, "
+            f"seq or 1, d_mlp] = [{layers}, {batch}, {seq}, {width}]"
+        )
+    if shape[3] != width:
+        raise CircuitsError(f"hidden-unit ablation values have {shape[3]} units per layer; the MLPs have {width}")
+    if patch.dtype != model.dtype or patch.device != model.device:
+        raise CircuitsError(
+            f"hidden-unit ablation values are {patch.dtype} on {patch.device}; the model is {model.dtype} on "
+            f"{model.device}"
+        )
+
+
+def _removal(model: Model, mask: torch.Tensor, expected: tuple, what: str, layout: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise CircuitsError(f"{what} has shape {shape}; this model needs {layout} = {list(expected)}")
+    if not mask.is_floating_point():
+        raise CircuitsError(f"{what} must be a float tensor (0 = ablated, 1 = kept), got dtype {mask.dtype}")
+    if mask.device != model.device:
+        raise CircuitsError(f"{what} is on {mask.device} but the model is on {model.device}")
+    return (1 - mask).to(model.dtype)
 
 
 def check_embeddings(model: Model, embeddings: torch.Tensor, batch: int, seq: int) -> None:

@@ -153,9 +153,10 @@ class MLP(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(config.d_mlp))
         self.W_out = nn.Parameter(torch.empty(config.d_mlp, config.d_model))
         self.b_out = nn.Parameter(torch.zeros(config.d_model))
+        self.hidden = nn.Identity()  # its input is the hidden units: where a hook reads or patches them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x @ self.W_in + self.b_in) @ self.W_out + self.b_out
+        return self.hidden(F.relu(x @ self.W_in + self.b_in)) @ self.W_out + self.b_out
 
 
 def _norm(config: NativeConfig) -> nn.Module:

@@ -143,6 +143,32 @@ class Adapter(ABC):
     def final_norm(self) -> nn.Module:
         """The norm applied before the unembedding."""
 
+    # Where an MLP's hidden units are: the module whose input they are (its output projection), by path in the layer
+    mlp_hidden_paths: tuple[str, ...] = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out")
+
+    def mlp_hidden_module(self, layer: int) -> nn.Module:
+        """The module whose input is ``layer``'s MLP hidden units ``[B, T, d_mlp]`` (the ``mlp-neuron`` level)."""
+        block = self.layer_module(layer)
+        for path in self.mlp_hidden_paths:
+            try:
+                return block.get_submodule(path)
+            except AttributeError:
+                continue
+        raise CircuitsError(
+            f"{type(self).__name__}: layer {layer} has no MLP output projection at {', '.join(self.mlp_hidden_paths)};"
+            " its hidden units cannot be resolved"
+        )
+
+    def mlp_width(self, layer: int) -> int:
+        """How many hidden units ``layer``'s MLP has."""
+        module = self.mlp_hidden_module(layer)
+        if isinstance(module, nn.Linear):
+            return module.in_features
+        weight = getattr(module, "weight", None)  # GPT-2's Conv1D: [in, out]
+        if weight is not None and weight.dim() == 2:
+            return weight.shape[0]
+        return self.hf.config.d_mlp  # circuits.native: an identity hook point
+
     def scale(self, layer: int) -> float:
         return self.head_dim**-0.5
 

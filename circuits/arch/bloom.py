@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CircuitsError
 from .base import Context
 from .falcon import FalconAdapter, padding_mask, refuse
 
@@ -68,4 +69,14 @@ class BloomAdapter(FalconAdapter):
         mlp = block.mlp
         hidden = mlp.gelu_impl(mlp.dense_h_to_4h(block.post_attention_layernorm(x)))
         out = mlp.dense_4h_to_h
-        return F.linear(hidden, out.weight, None if self._no_out_bias else out.bias)
+        if not self._no_out_bias:
+            return out(hidden)  # the module itself: its input hook point holds the hidden units
+        return F.linear(hidden, out.weight, None)
+
+    def mlp_hidden_module(self, layer: int) -> nn.Module:
+        if self._no_out_bias:
+            raise CircuitsError(
+                "bloom with pretraining_tp > 1 and slow_but_exact applies its MLP output projection in slices, not "
+                "as the module whose input the hidden units are: the mlp-neuron level is not available"
+            )
+        return super().mlp_hidden_module(layer)

@@ -14,7 +14,9 @@ and alternating sliding and full layers (``layer_types``); its rotary tables (Ya
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from ..errors import CircuitsError
 from .llama import LlamaAdapter
 
 
@@ -32,6 +34,12 @@ class MoEAdapter(LlamaAdapter):
             return super().window(layer)
         # Mixtral, Qwen3-MoE: one window for every layer when set (Qwen3-MoE clears it unless use_sliding_window)
         return getattr(self.config, "sliding_window", None) or None
+
+    def mlp_hidden_module(self, layer: int) -> nn.Module:
+        raise CircuitsError(
+            f"{self.config.model_type}: a mixture of experts has hidden units per expert, chosen per token by its"
+            " router, not one set of MLP hidden units; use level='neuron' (the MLP node's output dimensions) instead"
+        )
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]

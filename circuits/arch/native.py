@@ -70,6 +70,8 @@ class NativeAdapter(Adapter):
         attn = self.blocks[layer].attn
         return torch.einsum("bhte,hed->btd", z, attn.W_O) + attn.b_O
 
+    mlp_hidden_paths = ("mlp.hidden",)
+
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]
         if block.mlp is None:

@@ -24,6 +24,7 @@ from .gptj import SeparateQKV
 class OPTAdapter(SeparateQKV, Adapter):
     model_types = {"opt": "OPT with pre-LN (learned positions offset by 2, project_in/out); post-LN OPT-350m refused"}
     position_limit = "max_position_embeddings"
+    mlp_hidden_paths = ("fc2",)  # the MLP's layers sit on the decoder layer itself
 
     def __init__(self, hf: nn.Module):
         super().__init__(hf)
