@@ -177,6 +177,7 @@ class BatchPlan:
         self.sizes: list[int] = []  # every batch laid out so far, in order
         self.halvings = 0
         self.mean: torch.Tensor | None = None  # the ``mean`` ablation values, once computed (kept for retries)
+        self.hidden_mean: torch.Tensor | None = None  # the same of the MLPs' hidden units (``mlp-neuron``)
         self.current = -1  # index of the batch last yielded
         self._probe: tuple[PeakMemory, int, int, int] | None = None  # (meter, budget, examples, tokens)
         self._width = 1

@@ -11,7 +11,7 @@ from .errors import CircuitsError
 Method = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "eap-ig-mask", "clean-corrupted", "exact"]
 Ablation = Literal["patching", "mean", "zero"]
 MetricName = Literal["logit_diff", "prob_diff", "kl", "l2"]
-Level = Literal["edge", "node"]
+Level = Literal["edge", "node", "neuron", "mlp-neuron"]
 Selection = Literal["signed", "absolute", "greedy"]
 LearnMethod = Literal["edge-pruning", "ugs"]
 LearnObjective = Literal["kl", "metric"]

@@ -18,10 +18,10 @@ import torch
 
 from .batching import BatchPlan, BatchSize, check_batch_size
 from .choices import ABLATIONS, Ablation, check_choice
-from .circuit import Circuit, Scores, edge_mask_from, prune, top_n_mask
+from .circuit import Circuit, Scores, edge_mask_from
 from .engine import patched_forward
 from .errors import CircuitsError
-from .methods.common import batch_results
+from .methods.common import EDGES, Resolution, batch_results, spans_on
 from .model import Model
 from .task import Task, correct, metric_values
 
@@ -51,10 +51,13 @@ def masked_metrics(
     ablation: Ablation = "patching",
     batch_size: BatchSize | BatchPlan = 32,
     max_memory: int | str | None = None,
+    resolution: Resolution = EDGES,
 ) -> tuple[pd.DataFrame, list[np.ndarray], list[np.ndarray]]:
     """Per-example metric of the full model, the empty circuit and each edge mask (one forward per mask and batch).
 
     Returns (frame with columns full and empty, per-mask metric arrays, per-mask correctness arrays).
+    ``resolution`` says what the masks mask: edges (by span: ``[n_src, n_dst, S]``), the sources' output
+    dimensions (``neuron``) or the MLPs' hidden units (``mlp-neuron``); the empty circuit ablates every unit of it.
     ``batch_size``: examples per batch, ``"auto"`` (as many as fit ``max_memory``, see ``circuits.batching``)
     or a ``BatchPlan`` to reuse; a batch that runs out of memory is retried with half as many examples.
     Metrics are computed in float32 whatever the model's dtype.
@@ -64,18 +67,17 @@ def masked_metrics(
     check_choice("ablation", ablation, ABLATIONS)
     check_batch_size(batch_size)
     plan = BatchPlan.of(batch_size, model.device, max_memory)
-    graph = model.graph
-    empty_mask = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
+    empty_mask = torch.zeros(resolution.shape(model), dtype=model.dtype, device=model.device)
     float_masks = [m.to(dtype=model.dtype, device=model.device) for m in masks]
     rows: list[torch.Tensor] = []  # per batch: [full, empty, each mask's metric, each mask's correctness] x examples
 
     def run(batch) -> torch.Tensor:
         tokens = batch.tokens
         clean = _masked_logits(model, batch, None)
-        empty = metric_values(task.metric, _masked_logits(model, batch, empty_mask), tokens, clean)
+        empty = metric_values(task.metric, _masked_logits(model, batch, empty_mask, resolution), tokens, clean)
         values, right = [], []
         for mask in float_masks:
-            logits = _masked_logits(model, batch, mask)
+            logits = _masked_logits(model, batch, mask, resolution)
             values.append(metric_values(task.metric, logits, tokens, clean).float())
             right.append(correct(logits, tokens).float())
         return torch.stack([metric_values(task.metric, clean, tokens, clean).float(), empty.float(), *values, *right])
@@ -84,17 +86,26 @@ def masked_metrics(
         rows.append(item[1].float().cpu())
 
     with torch.no_grad():
-        plan.each(lambda start: batch_results(model, task, ablation, plan, run, start=start), store)
+        hidden = resolution.level == "mlp-neuron"
+        plan.each(lambda start: batch_results(model, task, ablation, plan, run, start=start, hidden=hidden), store)
     table = torch.cat(rows, 1).numpy()  # [2 + 2 x masks, examples]
     frame = pd.DataFrame({"full": table[0], "empty": table[1]})
     n = len(masks)
     return frame, [table[2 + k] for k in range(n)], [table[2 + n + k].astype(bool) for k in range(n)]
 
 
-def _masked_logits(model: Model, batch, mask: torch.Tensor | None) -> torch.Tensor:
+def _masked_logits(model: Model, batch, mask: torch.Tensor | None, resolution: Resolution = EDGES) -> torch.Tensor:
+    """The logits with ``mask`` (None: the full model) applied at ``resolution``."""
     tokens = batch.tokens
+    masks = {}
+    if mask is not None and resolution.level == "neuron":
+        masks = {"neuron_mask": mask}
+    elif mask is not None and resolution.level == "mlp-neuron":
+        masks = {"hidden_mask": mask, "hidden_patch": batch.hidden_patch}
+    elif mask is not None:
+        masks = {"edge_mask": mask, "spans": resolution.batch_spans(tokens)}
     return patched_forward(
-        model, tokens.clean_ids, tokens.attention_mask, mask, batch.patch, logit_positions=tokens.positions
+        model, tokens.clean_ids, tokens.attention_mask, patch=batch.patch, logit_positions=tokens.positions, **masks
     ).logits
 
 
@@ -154,14 +165,16 @@ def evaluate(
     batch_size: BatchSize = 32,
     max_memory: int | str | None = None,
 ) -> Evaluation:
-    """Faithfulness of ``circuit`` on ``task``: its edges kept, every other edge ablated.
+    """Faithfulness of ``circuit`` on ``task``: its edges kept, every other edge ablated (by span: each edge at the
+    spans it is kept at; neuron circuits: its units kept, every other unit of their level ablated).
 
     Faithfulness is NaN when the full model's and the empty circuit's metric are equal (see ``check_task``).
     ``batch_size`` and ``max_memory`` as for ``masked_metrics`` (``"auto"`` fits the batches to memory).
     """
     if circuit.graph.n_src != model.graph.n_src or circuit.graph.n_dst != model.graph.n_dst:
         raise CircuitsError(f"the circuit is for {circuit.graph!r}, but the model has {model.graph!r}")
-    frame, values, right = masked_metrics(model, task, [circuit.mask], ablation, batch_size, max_memory)
+    resolution = resolution_for(model, task, circuit)
+    frame, values, right = masked_metrics(model, task, [circuit.mask], ablation, batch_size, max_memory, resolution)
     frame.insert(1, "circuit", values[0])
     frame["correct"] = right[0]
     full, empty, value = (float(frame[column].mean()) for column in ("full", "empty", "circuit"))
@@ -211,20 +224,21 @@ def faithfulness_curve(
     """
     import pandas as pd
 
-    if scores.level != "edge":
-        raise CircuitsError("a faithfulness curve needs edge-level scores")
+    if scores.level == "node":
+        raise CircuitsError("a faithfulness curve needs edge- or neuron-level scores")
     fractions = sorted(float(f) for f in fractions)
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
         raise CircuitsError(f"fractions must lie in (0, 1], got {fractions}")
-    graph, total = model.graph, len(model.graph)
+    total = len(scores)  # every unit of the scores' level: edges (at every span), or neurons
     sizes = [max(1, round(f * total)) for f in fractions]
     check_batch_size(batch_size)
+    resolution = resolution_for(model, task, scores)
     plan = BatchPlan.of(batch_size, model.device, max_memory)  # both passes run the same batches
-    frame, _, _ = masked_metrics(model, task, [], ablation, plan)
+    frame, _, _ = masked_metrics(model, task, [], ablation, plan, resolution=resolution)
     full, empty = float(frame["full"].mean()), float(frame["empty"].mean())
     signed = [scores.most_helpful(n, task.higher_is_better).mask for n in sizes]
-    absolute = [prune(graph, top_n_mask(scores, n, absolute=True)) for n in sizes]
-    _, values, _ = masked_metrics(model, task, signed + absolute, ablation, plan)
+    absolute = [scores.top_n(n, absolute=True).mask for n in sizes]
+    _, values, _ = masked_metrics(model, task, signed + absolute, ablation, plan, resolution=resolution)
     f = [faithfulness(float(v.mean()), full, empty) for v in values]
     curve = pd.DataFrame(
         {
@@ -237,8 +251,16 @@ def faithfulness_curve(
     )
     cpr = area(fractions, curve.faithfulness)
     cmd = area(fractions, (1 - curve.faithfulness_absolute).abs())
-    meta = {**scores.meta, "full": full, "empty": empty, "ablation": ablation}
+    meta = {**scores.meta, "full": full, "empty": empty, "ablation": ablation, "units": total}
     return Curve(curve, cpr, cmd, label or str(scores.meta.get("method", "")), meta)
+
+
+def resolution_for(model: Model, task: Task, made: Scores | Circuit) -> Resolution:
+    """What ``made`` (scores or a circuit) resolves, on ``task``: its level and, by span, the task's positions
+    grouped by its spans."""
+    if made.spans is not None:
+        return spans_on(model, task, made.spans)
+    return Resolution(made.level)
 
 
 def roc_auc(scores: Scores | torch.Tensor, true_edges, absolute: bool = True, edges=None) -> float:

@@ -346,9 +346,11 @@ def scores_for(circuit: Circuit, scores_csv: Path | None) -> Scores | None:
     """Every edge's score for a circuit's curve: from the circuit file when it carries them all (the full
     layout), else from ``scores_csv`` (discover's scores.csv) when given; None when neither has them."""
     meta = {**circuit.meta, "method": circuit.meta.get("method", "scores")}
-    if circuit.scores is not None and not bool(circuit.scores[circuit.graph.real].isnan().any()):
-        return Scores(circuit.graph, circuit.scores, meta=meta)
-    if scores_csv is None:
+    if circuit.scores is not None:
+        scores = Scores(circuit.graph, circuit.scores, circuit.level, meta, circuit.spans)
+        if not bool(scores.values().isnan().any()):
+            return scores
+    if scores_csv is None or circuit.level != "edge" or circuit.spans is not None:
         return None
     return Scores(circuit.graph, export.read_scores_csv(scores_csv, circuit.graph), meta=meta)
 

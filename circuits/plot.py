@@ -82,6 +82,10 @@ def plot_circuit(
     ``title=None`` gives a summary title (edge and node counts, plus ``meta`` task/method when
     present); ``title=""`` gives none.
     """
+    if getattr(circuit, "level", "edge") != "edge":
+        return plot_neurons(circuit, path_or_ax, title=title, figsize=figsize)
+    if getattr(circuit, "spans", None) is not None:
+        return plot_position_circuit(circuit, path_or_ax, title=title, max_width_edges=max_width_edges, figsize=figsize)
     graph = circuit.graph
     path, ax = _target(path_or_ax)
     fig = _figure(ax, figsize or _circuit_figsize(graph), pyplot=path is None)
@@ -159,6 +163,176 @@ def plot_circuit(
         title = _summary_title(circuit, len(pairs))
     if title:
         ax.set_title(title, fontsize=_FONT + 3)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_position_circuit(
+    circuit: Any,
+    path_or_ax: str | os.PathLike | Axes | None = None,
+    *,
+    title: str | None = None,
+    max_width_edges: float = 3.0,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """A circuit by span, one column per span (in the spans' order), layers upwards as in ``plot_circuit``.
+
+    A column holds the nodes that have a circuit edge at that span, side by side per layer. An edge into a query,
+    an MLP or ``logits`` stays in its column; an edge into a key or value at span a runs from its source in column
+    a to its head in every column b the head is used at that attention can carry a to (``Spans.reaches``):
+    the arrows across columns are information moving between positions. Colours, widths and dashes as in
+    ``plot_circuit``; every edge's ``gid`` is its name ``src->dst@span``. Saving as for ``plot_circuit``.
+    """
+    graph, spans = circuit.graph, circuit.spans
+    mask = torch.as_tensor(circuit.mask).bool().cpu() & graph.real[:, :, None]
+    edges = mask.nonzero().tolist()
+    scores = None if circuit.scores is None else torch.nan_to_num(circuit.scores.float().cpu())
+    sends = mask.any(1)  # [n_src, S]: a node with a circuit edge out of it at a span
+
+    def targets(j: int, span: int) -> list[tuple[str, int]]:
+        """The (node, span) pairs an edge into destination j at ``span`` ends at."""
+        node = graph.destination_nodes[j]
+        if node.qkv is None:
+            return [(node.name, span)]
+        heads = graph.fed_nodes(j)
+        if node.qkv == "q":
+            return [(graph.sources[h], span) for h in heads]
+        reached = [b for b in range(len(spans)) if spans.reaches[span, b]]
+        ends = [(graph.sources[h], b) for h in heads for b in reached if sends[h, b]]
+        return ends or [(graph.sources[h], span) for h in heads]
+
+    drawn = [(i, j, span, end) for i, j, span in edges for end in targets(j, span)]
+    shown: dict[tuple[str, int], None] = {}
+    for i, _, span, end in drawn:
+        shown[graph.sources[i], span] = None
+        shown[end] = None
+    slots: dict[tuple[str, int], int] = {}  # (node, span) -> its place among its row's nodes in that column
+    rows: dict[tuple[int, float], list[str]] = {}
+    for name, span in sorted(shown, key=lambda key: (key[1], _row(graph, key[0]), graph.node(key[0]).head or 0)):
+        row = rows.setdefault((span, _row(graph, name)), [])
+        slots[name, span] = len(row)
+        row.append(name)
+    # each column as wide as its fullest row (in node slots), so that a span with few nodes takes little room
+    widths = [
+        max([len(row) for (span, _), row in rows.items() if span == column] + [1]) + 0.6 for column in range(len(spans))
+    ]
+    starts = [sum(widths[:column]) for column in range(len(spans))]
+    centres = [start + (width - 1.6) / 2 for start, width in zip(starts, widths, strict=True)]
+    total = sum(widths)
+
+    def point(name: str, span: int) -> tuple[float, float]:
+        kind = graph.node(name).kind
+        x = centres[span] if kind in ("input", "logits") else starts[span] + slots[name, span]
+        return x, _row(graph, name)
+
+    path, ax = _target(path_or_ax)
+    size = figsize or (min(24.0, max(5.0, 0.75 * total + 1.5)), max(3.5, 0.4 * (graph.n_layers + 2) + 1.3))
+    fig = _figure(ax, size, pyplot=path is None)
+    ax = ax if ax is not None else fig.add_subplot()
+    for layer in range(0, graph.n_layers, 2):
+        ax.axhspan(layer - 0.42, layer + 0.58, color="#F3F3F3", lw=0, zorder=0)
+    largest = float(scores[mask].abs().max()) if scores is not None and mask.any() else 0.0
+    order = sorted(drawn, key=lambda edge: abs(float(scores[edge[:3]])) if scores is not None else 0.0)
+    for rank, (i, j, span, (name, column)) in enumerate(order):
+        source, destination = graph.sources[i], graph.destinations[j]
+        start, end = point(source, span), point(name, column)
+        score = None if scores is None else float(scores[i, j, span])
+        line = 1.0 if score is None else 0.35 + (max_width_edges - 0.35) * (abs(score) / largest if largest else 1.0)
+        patch = PathPatch(
+            _curve(start, end, 1 if (i + j) % 2 else -1),
+            facecolor="none",
+            edgecolor=EDGE_COLORS[edge_kind(graph, destination)],
+            linewidth=line,
+            linestyle=(0, (3.0, 1.6)) if score is not None and score < 0 else "-",
+            alpha=0.75,
+            capstyle="round",
+            zorder=1 + rank / max(len(order), 1),
+        )
+        patch.set_gid(f"{source}->{destination}@{spans.names[span]}")
+        ax.add_patch(patch)
+    for name, span in shown:
+        _draw_node(ax, graph.node(name).kind, name, point(name, span))
+    for span in range(1, len(spans)):
+        ax.axvline(starts[span] - 0.8, color="#DDDDDD", lw=0.6, zorder=0)
+    ax.set_xticks(centres)
+    ax.set_xticklabels(spans.names, fontsize=_FONT + 1)
+    ax.xaxis.tick_top()
+    ax.set_xlim(-0.8, total - 0.8)
+    ax.set_ylim(_INPUT_Y - 0.5, graph.n_layers - 1 + _MLP_RISE + _LOGITS_RISE + 0.5)
+    ax.set_yticks(range(graph.n_layers))
+    ax.set_yticklabels([str(layer) for layer in range(graph.n_layers)], fontsize=_FONT)
+    ax.set_ylabel("layer (heads; MLP just above)", fontsize=_FONT + 1)
+    ax.tick_params(length=0, pad=2)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.legend(
+        handles=_legend_handles(scores is not None, False),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.02),
+        ncol=4,
+        fontsize=_FONT + 0.5,
+        frameon=False,
+        handlelength=2.6,
+    )
+    if title is None:
+        title = _summary_title(circuit, len(edges)).replace(" edges", f" edges at {len(spans)} spans", 1)
+    if title:
+        ax.set_title(title, fontsize=_FONT + 3, pad=14)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _row(graph: Any, name: str) -> float:
+    """A node's height: heads at their layer, an MLP half a layer above, ``input`` below, ``logits`` on top."""
+    node = graph.node(name)
+    if node.kind == "input":
+        return _INPUT_Y
+    if node.kind == "logits":
+        return graph.n_layers - 1 + _MLP_RISE + _LOGITS_RISE
+    return node.layer + (_MLP_RISE if node.kind == "mlp" else 0.0)
+
+
+def plot_neurons(
+    made: Any,
+    path_or_ax: str | os.PathLike | Axes | None = None,
+    *,
+    top: int = 30,
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """The ``top`` neurons of neuron-level scores or of a neuron circuit (its own units) by |score|, one bar each,
+    named ``a0.h1.d17`` (an output dimension) or ``m3.n120`` (an MLP hidden unit); blue bars score > 0, orange
+    < 0 (ablating the neuron lowers the metric). Saving as for ``plot_circuit``."""
+    if made.level not in ("neuron", "mlp-neuron"):
+        raise CircuitsError(f"plot_neurons draws neuron-level scores or circuits, got level {made.level!r}")
+    scores = made.tensor if hasattr(made, "tensor") else made.scores
+    if scores is None:
+        raise CircuitsError("a neuron circuit without scores has no order to draw its neurons in")
+    kept = made.mask if hasattr(made, "mask") else torch.ones(scores.shape, dtype=torch.bool)
+    values = scores.float().cpu()[kept]
+    order = values.abs().argsort(descending=True, stable=True)[:top]
+    names = made.units if hasattr(made, "units") else made.names()  # in the order of ``values``
+    labels = [names[k] for k in order.tolist()]
+    chosen = values[order].tolist()
+    path, ax = _target(path_or_ax)
+    fig = _figure(ax, figsize or (5.0, max(2.5, 0.18 * len(chosen) + 1.0)), pyplot=path is None)
+    ax = ax if ax is not None else fig.add_subplot()
+    colours = ["#0072B2" if value > 0 else "#E69F00" for value in chosen]
+    ax.barh(range(len(chosen)), chosen, color=colours)
+    ax.set_yticks(range(len(chosen)))
+    ax.set_yticklabels(labels, fontsize=_FONT)
+    ax.invert_yaxis()
+    ax.axvline(0, color="#333333", lw=0.6)
+    ax.set_xlabel("score: metric(ablated) - metric(clean)", fontsize=_FONT + 1)
+    ax.tick_params(labelsize=_FONT)
+    if title is None:
+        meta = getattr(made, "meta", None) or {}
+        parts = [meta[key] for key in ("task", "method") if isinstance(meta.get(key), str)]
+        title = f"{' / '.join(parts) + ': ' if parts else ''}top {len(chosen)} {made.level}s by |score|"
+    if title:
+        ax.set_title(title, fontsize=_FONT + 2)
     if path is not None:
         save_figure(fig, path)
     return fig

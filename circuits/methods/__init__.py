@@ -25,8 +25,11 @@ from ..circuit import Scores
 from ..errors import CircuitsError
 from ..model import Model
 from ..resume import open_checkpoint
+from ..spans import Spans
 from ..task import Task
+from ..units import unit_names
 from .acdc import acdc
+from .common import resolution_of
 from .exact import MAX_TOKENS, exact_scores
 from .gradient import GRADIENT_METHODS, check_gradient_metric, gradient_scores
 
@@ -46,8 +49,16 @@ def attribute(
     checkpoint: str | Path | None = None,
     max_memory: int | str | None = None,
     backward: Backward = "gradient",
+    positions: bool = False,
 ) -> Scores:
     """Score every edge (or, with ``level="node"``, every source node) of the model's graph on a task.
+
+    Finer: ``positions=True`` resolves every edge by position, ``[n_src, n_dst, S]``: by the task's declared
+    spans (``Task(..., spans=...)``, positions no span names in ``rest``), or every position on its own for a
+    task whose prompts have one length; summed over spans they are the edge scores (for the gradient methods;
+    ``circuits.spans``). ``level="neuron"`` scores every output dimension of every source ``[n_src, d_model]``,
+    ``level="mlp-neuron"`` every MLP hidden unit ``[n_layers, d_mlp]``; a source's neuron scores sum to its
+    node score (gradient methods). ``exact`` runs one forward per unit at every level (small models).
 
     A score estimates mean metric(edge ablated) - mean metric(clean), the metric being the task's.
     ``method`` is one of ``circuits.choices.METHODS``: ``exact`` runs one patched forward per edge,
@@ -85,8 +96,16 @@ def attribute(
     parse_memory(max_memory)
     check_positive("ig_steps", ig_steps)
     check_gradient_metric(method, task.metric, ig_steps)
+    if level == "mlp-neuron" and method in GRADIENT_METHODS and GRADIENT_METHODS[method].per_layer:
+        raise CircuitsError(
+            f"{method} interpolates the sources' outputs, not the MLPs' hidden units: use another method at level "
+            f"'mlp-neuron' ({', '.join(name for name in METHODS if name != method)})"
+        )
+    resolution = resolution_of(model, task, level, positions)  # the task's spans checked before any batch runs
     plan = BatchPlan.of(batch_size, model.device, max_memory)  # lays the batches out; the checkpoint records them
     parameters = {"method": method, "ablation": ablation, "batch_size": plan.requested, "level": level}
+    if resolution.spans is not None:
+        parameters["spans"] = resolution.spans.to_dict()
     if method in GRADIENT_METHODS and GRADIENT_METHODS[method].uses_steps:
         parameters["ig_steps"] = ig_steps
     if method in GRADIENT_METHODS and GRADIENT_METHODS[method].per_layer:  # its name meant eap-ig-mask before:
@@ -99,17 +118,22 @@ def attribute(
     start = time.perf_counter()
     if method == "exact":
         tensor = plan.run(
-            lambda saved: exact_scores(model, task, ablation, plan, level, progress, checkpoint=saved), resumable
+            lambda saved: exact_scores(
+                model, task, ablation, plan, level, progress, checkpoint=saved, resolution=resolution
+            ),
+            resumable,
         )
     else:
         with backward_rules(model, backward):  # checks the model's norms and activations before any batch runs
             tensor = plan.run(
-                lambda saved: gradient_scores(model, task, method, ablation, plan, ig_steps, progress, saved),
+                lambda saved: gradient_scores(
+                    model, task, method, ablation, plan, ig_steps, progress, saved, resolution
+                ),
                 resumable,
             )
         if level == "node":
             tensor = tensor.masked_fill(~model.graph.real, 0).sum(1)
-    _check_finite(model, tensor, level)
+    _check_finite(model, tensor, level, resolution.spans)
     meta = {
         "method": method,
         "ablation": ablation,
@@ -125,7 +149,7 @@ def attribute(
         meta["ig_steps"] = ig_steps
     if backward != "gradient":
         meta["backward"] = backward
-    return Scores(model.graph, tensor, level, meta)
+    return Scores(model.graph, tensor, level, meta, resolution.spans)
 
 
 __all__ = [
@@ -151,14 +175,13 @@ def check_backward(method: str, backward: str) -> None:
         )
 
 
-def _check_finite(model: Model, scores: torch.Tensor, level: str) -> None:
-    """A NaN or infinite score is never returned: it names the first such edge (or node) instead."""
+def _check_finite(model: Model, scores: torch.Tensor, level: str, spans: Spans | None = None) -> None:
+    """A NaN or infinite score is never returned: it names the first such unit (edge, node, neuron) instead."""
     bad = ~torch.isfinite(scores)
     if level == "edge":
-        bad &= model.graph.real
+        bad &= model.graph.real if spans is None else model.graph.real[:, :, None]
     if bad.any():
-        first = bad.nonzero()[0].tolist()
-        name = model.graph.edge_name(*first) if level == "edge" else model.graph.sources[first[0]]
+        name = unit_names(model.graph, level, spans, bad.nonzero()[:1])[0]
         raise CircuitsError(
             f"{int(bad.sum())} score(s) are not finite (NaN or infinite), the first for {name}: the model's "
             f"outputs or the metric overflowed in {model.dtype}; run in float32 or check the metric"

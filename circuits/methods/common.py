@@ -11,10 +11,11 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..batching import BatchPlan, BatchSize
-from ..engine import patching_values, source_outputs, unchanged_prefix
+from ..engine import mlp_hidden_values, mlp_width, patching_values, source_outputs, unchanged_prefix
 from ..errors import CircuitsError
 from ..model import Model
 from ..resume import Checkpoint
+from ..spans import REST, Spans, layout
 from ..task import Task, TokenizedTask, metric_values
 
 
@@ -26,6 +27,67 @@ class Batch:
     start: int = 0  # every pair shares the positions before it (patching in a causal model; else 0)
     trimmed: bool = False  # the patch holds positions ``start`` on only (it cannot feed a patched forward)
     index: int = 0  # the batch's place in the plan's layout
+    hidden_patch: torch.Tensor | None = None  # the MLP hidden units' ablation values (``mlp-neuron``); None = zero
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How finely a method resolves the graph: ``level`` (``circuits.choices.LEVELS``) and, for edges resolved by
+    position, the task's spans with each example's span index of every position ``[N, T]``."""
+
+    level: str = "edge"
+    spans: Spans | None = None
+    span_ids: torch.Tensor | None = None
+
+    def batch_spans(self, tokens: TokenizedTask, start: int = 0) -> torch.Tensor | None:
+        """The span index of a batch's positions from ``start`` on, on the batch's device (None: not by span)."""
+        if self.span_ids is None:
+            return None
+        rows = self.span_ids[tokens.start : tokens.start + len(tokens), start : tokens.clean_ids.shape[1]]
+        return rows.to(tokens.clean_ids.device)
+
+    def shape(self, model: Model) -> tuple[int, ...]:
+        """The shape of the scores: ``[n_src, n_dst]`` edges (``[..., S]`` by span), ``[n_src]`` nodes,
+        ``[n_src, d_model]`` the sources' output dimensions, ``[n_layers, d_mlp]`` the MLPs' hidden units."""
+        graph = model.graph
+        if self.level == "neuron":
+            return (graph.n_src, model.adapter.d_model)
+        if self.level == "mlp-neuron":
+            return (graph.n_layers, mlp_width(model))
+        if self.level == "node":
+            return (graph.n_src,)
+        return (graph.n_src, graph.n_dst) if self.spans is None else (graph.n_src, graph.n_dst, len(self.spans))
+
+
+def resolution_of(model: Model, task: Task, level: str, positions: bool) -> Resolution:
+    """The resolution ``attribute`` scores ``task`` at: ``level``; with ``positions``, edges by the task's declared
+    spans (else every position on its own: prompts of one template)."""
+    if not isinstance(positions, bool):
+        raise CircuitsError(f"positions must be True or False, got {positions!r}")
+    if not positions:
+        return Resolution(level)
+    if level != "edge":
+        raise CircuitsError(f"positions resolve edges; level {level!r} takes positions=False")
+    spans, ids = layout(task.check(model))
+    return Resolution(level, spans, ids)
+
+
+def spans_on(model: Model, task: Task, spans: Spans) -> Resolution:
+    """The resolution that evaluates a circuit or scores by ``spans`` on ``task`` (which may be another task than
+    the one they were made on): its positions grouped by the same span names."""
+    tokenized = task.check(model)
+    declared = tokenized.span_ids is not None and (*tokenized.span_names, REST) == spans.names
+    own, ids = layout(tokenized, per_token=not declared)
+    if own.names != spans.names:
+        shown = ", ".join(own.names[:8]) + (", ..." if len(own) > 8 else "")
+        raise CircuitsError(
+            f"the circuit is resolved by spans {', '.join(spans.names[:8])}{', ...' if len(spans) > 8 else ''} but "
+            f"task {task.name!r} groups its positions into {shown}: use a task with the same spans"
+        )
+    return Resolution("edge", spans, ids)
+
+
+EDGES = Resolution()  # the plain level: one score per edge
 
 
 def batches(
@@ -37,6 +99,7 @@ def batches(
     start: int = 0,
     trim: bool = False,
     owned: Callable[[int], bool] | None = None,
+    hidden: bool = False,
 ) -> Iterator[Batch]:
     """The task in batches with their ablation values; patching values are computed one batch at a time.
 
@@ -46,9 +109,10 @@ def batches(
     ``trim``: patching values only from the first position where a pair of the batch differs (``Batch.start``):
     before it every source's output is the clean one, so a computation that only needs the deltas skips it.
     ``owned``: yield only the batches whose index it accepts (a rank's share, see ``circuits.distributed``).
+    ``hidden``: also the MLP hidden units' ablation values (``Batch.hidden_patch``, the ``mlp-neuron`` level).
     """
     plan = BatchPlan.of(batch_size, model.device)
-    make = _BatchMaker(model, task, ablation, plan, trim)
+    make = _BatchMaker(model, task, ablation, plan, trim, hidden)
     with _examples_bar(len(make.lengths), progress) as bar:
         bar.update(sum(plan.sizes[:start]))
         for index, (offset, size) in enumerate(plan.spans(make.lengths, start), start):
@@ -66,10 +130,11 @@ def batch_results(
     progress: bool = False,
     start: int = 0,
     trim: bool = False,
+    hidden: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(index, compute(batch))`` for batch ``start`` onward, in order; under torch.distributed each batch is
     computed by one rank and every rank gets every result (``span_results``)."""
-    make = _BatchMaker(model, task, ablation, plan, trim)
+    make = _BatchMaker(model, task, ablation, plan, trim, hidden)
     yield from span_results(plan, make.lengths, start, lambda *span: compute(make(*span)), progress)
 
 
@@ -123,35 +188,44 @@ def _examples_bar(total: int, progress: bool) -> tqdm:
 class _BatchMaker:
     """Batches of one task with their ablation values, from ``(first example, examples)`` spans."""
 
-    def __init__(self, model: Model, task: Task, ablation: str, plan: BatchPlan, trim: bool):
-        self.model, self.ablation, self.trim = model, ablation, trim
+    def __init__(self, model: Model, task: Task, ablation: str, plan: BatchPlan, trim: bool, hidden: bool = False):
+        self.model, self.ablation, self.trim, self.hidden = model, ablation, trim, hidden
         self.tokenized = task.check(model).to(model.device)  # a prompt too long, an id outside the vocabulary
         self.lengths = self.tokenized.attention_mask.sum(1).tolist()
-        self.mean = None
+        self.mean = self.hidden_mean = None
         if ablation == "mean":  # over the whole task's clean prompts, not per batch; kept by the plan for retries
             if plan.mean is None:
                 plan.mean = ablation_mean(model, self.tokenized, plan.sub_plan())
             self.mean = plan.mean.to(device=model.device, dtype=model.dtype)
+            if hidden:
+                if plan.hidden_mean is None:
+                    plan.hidden_mean = ablation_mean(model, self.tokenized, plan.sub_plan(), mlp_hidden_values)
+                self.hidden_mean = plan.hidden_mean.to(device=model.device, dtype=model.dtype)
 
     def __call__(self, index: int, offset: int, size: int) -> Batch:
         tokens, n, model = self.tokenized[offset : offset + size], len(self.lengths), self.model
         if self.ablation != "patching":
-            return Batch(tokens, self.mean, n, index=index)
+            return Batch(tokens, self.mean, n, index=index, hidden_patch=self.hidden_mean)
         shared = unchanged_prefix(model, tokens.clean_ids, tokens.corrupted_ids, tokens.attention_mask)
         mask = tokens.attention_mask
         patch = patching_values(model, mask, tokens.corrupted_ids, mask, shared if self.trim else 0)
-        return Batch(tokens, patch, n, shared, self.trim, index)
+        hidden = mlp_hidden_values(model, tokens.corrupted_ids, mask) if self.hidden else None
+        return Batch(tokens, patch, n, shared, self.trim, index, hidden)
 
 
-def ablation_mean(model: Model, tokenized: TokenizedTask, plan: BatchPlan) -> torch.Tensor:
+def ablation_mean(
+    model: Model, tokenized: TokenizedTask, plan: BatchPlan, values: Callable | None = None
+) -> torch.Tensor:
     """The ``mean`` ablation values: each source's output averaged over the clean prompts' real positions,
-    ``[n_src, 1, 1, D]`` in the model's dtype, summed in float32 over batches laid out by ``plan``."""
+    ``[n_src, 1, 1, D]`` in the model's dtype, summed in float32 over batches laid out by ``plan``
+    (``values=mlp_hidden_values``: the MLPs' hidden units, ``[n_layers, 1, 1, d_mlp]``)."""
+    values = values or source_outputs
     lengths = tokenized.attention_mask.sum(1).tolist()
     sums: list[torch.Tensor] = []
 
     def batch_sum(index: int, offset: int, size: int) -> torch.Tensor:
         tokens = tokenized[offset : offset + size]
-        outputs = source_outputs(model, tokens.clean_ids, tokens.attention_mask)
+        outputs = values(model, tokens.clean_ids, tokens.attention_mask)
         mask = tokens.attention_mask.to(outputs.dtype)[None, :, :, None]
         return (outputs * mask).sum((1, 2), dtype=torch.float32)
 

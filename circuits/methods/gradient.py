@@ -33,6 +33,7 @@ there (and the corrupted run keeps its outputs from the first differing position
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -42,12 +43,12 @@ import torch
 
 from ..batching import BatchPlan, BatchSize
 from ..choices import METRICS
-from ..engine import patched_forward
+from ..engine import hidden_units, mlp_width, patched_forward
 from ..errors import CircuitsError
 from ..model import Model
 from ..resume import Checkpoint
 from ..task import REFERENCE_METRICS, Task
-from .common import Batch, batch_results, metric_sum, resumed_sum, save_sum
+from .common import EDGES, Batch, Resolution, batch_results, metric_sum, resumed_sum, save_sum
 
 Point = tuple[float, float | None]  # (input interpolation a, every edge's mask value; None: the plain mask of ones)
 CLEAN: Point = (1.0, None)  # the clean run
@@ -105,23 +106,36 @@ def gradient_scores(
     ig_steps: int,
     progress: bool,
     checkpoint: Checkpoint | None = None,
+    resolution: Resolution = EDGES,
 ) -> torch.Tensor:
     """The scores summed over the task's batches in order; with ``checkpoint``, the running sum and the next
-    batch are saved after each batch and a saved sum is resumed from (the same sums in the same order)."""
-    graph = model.graph
+    batch are saved after each batch and a saved sum is resumed from (the same sums in the same order).
+    ``resolution``: edges (by span or not), the sources' output dimensions or the MLPs' hidden units; node scores
+    are the edge scores, summed by the caller."""
     spec = GRADIENT_METHODS[method]
     trim = not spec.per_layer and not any(mask is not None for _, mask in spec.points(ig_steps))  # no forward reads it
-    scores, start = resumed_sum(checkpoint, torch.zeros(graph.n_src, graph.n_dst))
+    if resolution.level == "node":
+        resolution = EDGES
+    scores, start = resumed_sum(checkpoint, torch.zeros(resolution.shape(model)))
     plan = BatchPlan.of(batch_size, model.device)
-    compute = partial(_batch_scores, model, task, method=method, ig_steps=ig_steps, progress=progress)
-    for index, batch_scores in batch_results(model, task, ablation, plan, compute, progress, start, trim):
+    compute = partial(
+        _batch_scores, model, task, method=method, ig_steps=ig_steps, progress=progress, resolution=resolution
+    )
+    hidden = resolution.level == "mlp-neuron"
+    for index, batch_scores in batch_results(model, task, ablation, plan, compute, progress, start, trim, hidden):
         scores += batch_scores.float()
         save_sum(checkpoint, scores, index + 1)
     return scores
 
 
 def _batch_scores(
-    model: Model, task: Task, batch: Batch, method: str, ig_steps: int, progress: bool = False
+    model: Model,
+    task: Task,
+    batch: Batch,
+    method: str,
+    ig_steps: int,
+    progress: bool = False,
+    resolution: Resolution = EDGES,
 ) -> torch.Tensor:
     """One batch's scores. The positions before ``batch.start`` (which every pair shares) are left out; a
     trimmed patch is used up: the deltas are written over it.
@@ -135,7 +149,7 @@ def _batch_scores(
     if spec.per_layer:  # a loop over the layers of its own
         from .ig_activations import layer_batch_scores  # it builds on this module's contraction
 
-        return layer_batch_scores(model, task, batch, ig_steps, progress)
+        return layer_batch_scores(model, task, batch, ig_steps, progress, resolution)
     tokens, points = batch.tokens, spec.points(ig_steps)
     ids = tokens.clean_ids
     with torch.no_grad():
@@ -147,7 +161,25 @@ def _batch_scores(
             ablated_input[:, batch.start :] = batch.patch[0]
         else:
             ablated_input = batch.patch[0].expand_as(clean_input).clone()
-    contraction = _Contraction(model, batch, tuple(ids.shape))
+    contraction = contraction_for(model, batch, tuple(ids.shape), resolution)
+    with contraction.hooks():
+        _run_points(model, task, batch, spec, points, clean_input, ablated_input, contraction)
+    return contraction.scores.cpu()
+
+
+def _run_points(
+    model: Model,
+    task: Task,
+    batch: Batch,
+    spec: GradientMethod,
+    points: list[Point],
+    clean_input: torch.Tensor,
+    ablated_input: torch.Tensor,
+    contraction: _Contraction,
+) -> None:
+    """Every gradient point's forward/backward of one batch, the gradients handed to ``contraction``."""
+    tokens = batch.tokens
+    ids = tokens.clean_ids
     clean = points.index(CLEAN) if CLEAN in points else None  # a point whose run records the clean deltas
     needs_clean_logits = isinstance(task.metric, str) and task.metric in REFERENCE_METRICS
     clean_logits = None
@@ -194,7 +226,6 @@ def _batch_scores(
         value = sum(metric_sum(task, point_logits, run_batch, run_clean_logits) for point_logits in logits)
         torch.autograd.grad(value / len(points), embeddings, allow_unused=True)
         contraction.flush()  # before the next run records its own deltas
-    return contraction.scores.cpu()
 
 
 def stacked_runs(n_examples: int, n_points: int, first: int | None = None) -> list[tuple[slice, list[int]]]:
@@ -209,6 +240,18 @@ def stacked_runs(n_examples: int, n_points: int, first: int | None = None) -> li
     return [(slice(int(part[0]), int(part[-1]) + 1), order) for part in parts]
 
 
+def contraction_for(
+    model: Model, batch: Batch, shape: tuple[int, int], resolution: Resolution, kind: type | None = None
+) -> _Contraction:
+    """The contraction that turns one batch's gradients into scores at ``resolution`` (``kind``: a subclass of
+    ``_Contraction`` to use for the edge and neuron levels)."""
+    if resolution.level == "mlp-neuron":
+        return _HiddenContraction(model, batch, shape)
+    spans = resolution.batch_spans(batch.tokens, batch.start)
+    n_spans = None if resolution.spans is None else len(resolution.spans)
+    return (kind or _Contraction)(model, batch, shape, spans, n_spans, neurons=resolution.level == "neuron")
+
+
 class _Contraction:
     """One batch's deltas ``out_u - patch_u`` from position ``batch.start`` on, recorded as a forward computes
     the sources, and the scores ``scores[u, v] -= delta_u . grad_v`` they give as the gradients arrive.
@@ -218,9 +261,23 @@ class _Contraction:
     backward delivers one layer's gradients at a time; they are kept until they take a ``PENDING_SHARE`` of
     the deltas' memory and then contracted together, so that the deltas are read once per few layers rather
     than once per layer (reading them, not multiplying, is what the contraction's time goes to).
+
+    With ``spans`` (``[B, T - start]``, each position's span of ``n_spans``) the products are taken over each
+    span's positions apart: ``scores[u, v, s]``. With ``neurons`` the scores are per output dimension, ``scores[u, d] -=
+    sum over positions of delta_u[d] * sum_v grad_v[d]`` over the destinations v reading u: the destinations
+    arrive last layer first and read ever fewer sources, so a running sum of their gradients is, when a group
+    that no longer reads sources r.. arrives, the gradient those sources' outputs get.
     """
 
-    def __init__(self, model: Model, batch: Batch, shape: tuple[int, int]):
+    def __init__(
+        self,
+        model: Model,
+        batch: Batch,
+        shape: tuple[int, int],
+        spans: torch.Tensor | None = None,
+        n_spans: int | None = None,
+        neurons: bool = False,
+    ):
         n_batch, seq = shape
         self.graph, self.start = model.graph, batch.start
         self.trimmed, self.patch = batch.trimmed, batch.patch
@@ -229,17 +286,32 @@ class _Contraction:
         else:
             deltas_shape = (self.graph.n_src, n_batch, seq - self.start, model.adapter.d_model)
             self.deltas = torch.empty(deltas_shape, dtype=model.dtype, device=model.device)
-        self.scores = torch.zeros(self.graph.n_src, self.graph.n_dst, dtype=torch.float32, device=model.device)
+        self.spans, self.neurons = spans, neurons
+        graph, d_model = self.graph, model.adapter.d_model
+        if neurons:
+            scores_shape: tuple[int, ...] = (graph.n_src, d_model)
+        elif spans is not None:
+            scores_shape = (graph.n_src, graph.n_dst, n_spans)
+        else:
+            scores_shape = (graph.n_src, graph.n_dst)
+        self.scores = torch.zeros(scores_shape, dtype=torch.float32, device=model.device)
         self.pending: list[tuple[slice, torch.Tensor]] = []  # (destinations, gradients [n, K] in float32)
         self.pending_columns = 0
         # destinations kept before contracting: float32 gradients of at most PENDING_SHARE of the deltas' bytes
         self.pending_limit = max(1, int(PENDING_SHARE * self.graph.n_src * self.deltas.element_size() / 4))
         self.begin(slice(0, n_batch), 1, 0)
 
+    @contextlib.contextmanager
+    def hooks(self):
+        """What the runs need installed while they go (nothing: the engine's hooks deliver everything)."""
+        yield
+
     def begin(self, examples: slice, repeat: int, recorded: int | None) -> None:
         """The next run stacks ``repeat`` copies of ``examples``; its copy number ``recorded`` (if any) records
         their deltas; each example's gradients are summed over the copies before they are contracted."""
         self.examples, self.repeat, self.recorded = examples, repeat, recorded
+        self.running: torch.Tensor | None = None  # neurons: the gradients of the destinations so far, summed
+        self.boundary = self.graph.n_src  # neurons: sources from here on are contracted
 
     def record(self, first: int, outputs: torch.Tensor) -> None:
         rows = self.deltas[first : first + len(outputs), self.examples]
@@ -259,6 +331,9 @@ class _Contraction:
         if self.repeat > 1:
             grad = grad.unflatten(1, (self.repeat, -1)).sum(1, dtype=torch.float32)
         grad = grad.flatten(1).float()  # [n, K]
+        if self.neurons:
+            self._neuron_step(int(self.graph.n_inputs[destinations.start]), grad.sum(0))
+            return
         self.pending.append((destinations, grad))
         self.pending_columns += len(grad)
         if self.pending_columns >= self.pending_limit:
@@ -266,19 +341,112 @@ class _Contraction:
 
     def flush(self) -> None:
         """Contract the pending gradients with the deltas of every source any of them reads."""
+        if self.neurons:
+            if self.running is not None:
+                self._neuron_step(0, None)
+            self.running, self.boundary = None, self.graph.n_src
+            return
         if not self.pending:
             return
         reads = [int(self.graph.n_inputs[destinations.start]) for destinations, _ in self.pending]
         gradients = torch.cat([grad for _, grad in self.pending]) if len(self.pending) > 1 else self.pending[0][1]
         deltas = self.deltas[: max(reads), self.examples].flatten(1)
-        step = len(deltas) if deltas.dtype == torch.float32 else CONTRACTION_ROWS
-        products = torch.cat([gradients @ rows.float().T for rows in deltas.split(step)], 1)  # [destinations, reads]
-        row = 0
-        for (destinations, grad), n_reads in zip(self.pending, reads, strict=True):
-            self.scores[:n_reads, destinations] -= products[row : row + len(grad), :n_reads].T
-            row += len(grad)
+        if self.spans is None:
+            self._subtract(_products(gradients, deltas), None, reads)
+        else:  # each span's positions apart
+            d_model = self.deltas.shape[-1]
+            gradients, deltas = gradients.view(len(gradients), -1, d_model), deltas.view(len(deltas), -1, d_model)
+            spans = self.spans[self.examples].flatten()
+            for span in spans.unique().tolist():
+                where = (spans == span).nonzero().flatten()
+                products = _products(gradients.index_select(1, where).flatten(1), deltas.index_select(1, where))
+                self._subtract(products, span, reads)
         self.pending.clear()
         self.pending_columns = 0
+
+    def _subtract(self, products: torch.Tensor, span: int | None, reads: list[int]) -> None:
+        """``scores[u, v(, span)] -= products[v, u]`` for the pending destinations and the sources they read."""
+        scores = self.scores if span is None else self.scores[..., span]
+        row = 0
+        for (destinations, grad), n_reads in zip(self.pending, reads, strict=True):
+            scores[:n_reads, destinations] -= products[row : row + len(grad), :n_reads].T
+            row += len(grad)
+
+    def _neuron_step(self, reads: int, summed: torch.Tensor | None) -> None:
+        """Sources ``reads`` up to the boundary are read by no destination still to come: contract their deltas
+        with the running sum, then add ``summed`` (a destination group reading ``reads`` sources) to it."""
+        if reads > self.boundary:  # a new backward begins (runs contracted as they come): finish the last one
+            self._neuron_step(0, None)
+            self.running, self.boundary = None, self.graph.n_src
+        if reads < self.boundary and self.running is not None:
+            rows = self.deltas[reads : self.boundary, self.examples].flatten(1)
+            d_model = self.deltas.shape[-1]
+            for first in range(0, len(rows), CONTRACTION_ROWS):
+                chunk = rows[first : first + CONTRACTION_ROWS].float() * self.running
+                self.scores[reads + first : reads + first + len(chunk)] -= chunk.view(len(chunk), -1, d_model).sum(1)
+        self.boundary = min(self.boundary, reads)
+        if summed is not None:
+            self.running = summed if self.running is None else self.running + summed
+
+
+def _products(gradients: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """``gradients [n, K] @ deltas [k, K]^T`` in float32 (``[n, k]``), the deltas widened a few rows at a time when
+    the model runs in lower precision."""
+    deltas = deltas.flatten(1)
+    step = len(deltas) if deltas.dtype == torch.float32 else CONTRACTION_ROWS
+    return torch.cat([gradients @ rows.float().T for rows in deltas.split(step)], 1)
+
+
+class _HiddenContraction(_Contraction):
+    """The ``mlp-neuron`` level: scores ``[n_layers, d_mlp]``, ``scores[l, j] -= sum over positions of
+    (h - h_patch)[j] * dMetric/dh[j]`` for every MLP hidden unit, from the hidden units a recording run sees
+    (``circuits.engine.hidden_units``) and their gradients in every run."""
+
+    def __init__(self, model: Model, batch: Batch, shape: tuple[int, int]):
+        n_batch, seq = shape
+        self.model, self.graph, self.start = model, model.graph, batch.start
+        self.trimmed, self.patch, self.hidden_patch = False, None, batch.hidden_patch
+        deltas_shape = (model.adapter.n_layers, n_batch, seq - self.start, mlp_width(model))
+        self.deltas = torch.empty(deltas_shape, dtype=model.dtype, device=model.device)
+        self.scores = torch.zeros(self.deltas.shape[0], self.deltas.shape[-1], dtype=torch.float32, device=model.device)
+        self.begin(slice(0, n_batch), 1, 0)
+
+    @contextlib.contextmanager
+    def hooks(self):
+        with hidden_units(self.model, self._see):
+            yield
+
+    def record(self, first: int, outputs: torch.Tensor) -> None:
+        pass  # the sources' outputs are not what this level contracts: the hidden units are (``_see``)
+
+    def _see(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Record a recording run's hidden units of ``layer`` (minus their ablation values) and hook their gradient."""
+        values = hidden.reshape(self.repeat, -1, *hidden.shape[-2:])  # [copies, examples, T, d_mlp]
+        if self.recorded is not None:
+            rows = self.deltas[layer, self.examples]
+            clean = values[self.recorded, :, self.start :].detach().to(rows.device)
+            patch = self.hidden_patch
+            if patch is None:
+                rows.copy_(clean)
+            else:
+                patch = patch[layer]
+                if patch.shape[1] > 1:
+                    patch = patch[self.examples if patch.shape[0] > 1 else slice(None), self.start :]
+                torch.sub(clean, patch, out=rows)
+        if hidden.requires_grad:
+            hidden.register_hook(partial(self._hidden_gradient, layer))
+        return hidden
+
+    def _hidden_gradient(self, layer: int, grad: torch.Tensor) -> None:
+        grad = grad.reshape(self.repeat, -1, *grad.shape[-2:])[:, :, self.start :].sum(0, dtype=torch.float32)
+        deltas = self.deltas[layer, self.examples].float()
+        self.scores[layer] -= (deltas * grad.to(deltas.device)).sum((0, 1))
+
+    def contract(self, destinations: slice, grad: torch.Tensor) -> None:
+        pass  # the destinations' gradients are not needed: the hidden units' are hooked where they are computed
+
+    def flush(self) -> None:
+        pass
 
 
 PENDING_SHARE = 0.25  # gradients kept before a contraction, as a share of the deltas' memory

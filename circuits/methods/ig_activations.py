@@ -53,8 +53,8 @@ from ..errors import CircuitsError
 from ..graph import Graph
 from ..model import Model
 from ..task import Task
-from .common import Batch, metric_sum
-from .gradient import _Contraction, stacked_runs
+from .common import EDGES, Batch, Resolution, metric_sum
+from .gradient import _Contraction, contraction_for, stacked_runs
 
 
 def layer_groups(graph: Graph) -> list[slice]:
@@ -65,9 +65,12 @@ def layer_groups(graph: Graph) -> list[slice]:
     return groups
 
 
-def layer_batch_scores(model: Model, task: Task, batch: Batch, ig_steps: int, progress: bool = False) -> torch.Tensor:
-    """One batch's ``eap-ig-activations`` scores ``[n_src, n_dst]`` (on the CPU, float32); ``progress`` shows
-    a bar over its forward/backwards (a batch takes (2L + 1) x ``ig_steps`` of them, stacked a few at a time)."""
+def layer_batch_scores(
+    model: Model, task: Task, batch: Batch, ig_steps: int, progress: bool = False, resolution: Resolution = EDGES
+) -> torch.Tensor:
+    """One batch's ``eap-ig-activations`` scores ``[n_src, n_dst]`` (by span, or ``[n_src, d_model]`` per output
+    dimension, at those ``resolution``s; on the CPU, float32); ``progress`` shows a bar over its
+    forward/backwards (a batch takes (2L + 1) x ``ig_steps`` of them, stacked a few at a time)."""
     if batch.trimmed:
         raise CircuitsError("eap-ig-activations needs the whole ablation values (a batch made with trim=False)")
     graph, tokens, start = model.graph, batch.tokens, batch.start
@@ -76,7 +79,7 @@ def layer_batch_scores(model: Model, task: Task, batch: Batch, ig_steps: int, pr
     alphas = [k / ig_steps for k in range(1, ig_steps + 1)]
     groups = layer_groups(graph)
     n_points = len(groups) * len(alphas)
-    contraction = _GroupSums(model, batch, (n_examples, seq))
+    contraction = contraction_for(model, batch, (n_examples, seq), resolution, _GroupSums)
     with torch.no_grad():  # the clean run: the deltas clean - patch (from ``start`` on) and the clean logits
         clean_logits = patched_forward(
             model, ids, attention_mask, logit_positions=positions, source_hook=contraction.record
