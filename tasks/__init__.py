@@ -9,6 +9,8 @@ pairs whose clean and corrupted prompts tokenize to the same length; it returns 
 or raises ``circuits.CircuitsError``. Without one it returns text built from word lists chosen to be single tokens
 in common tokenizers (induction, which is naturally about token ids, returns ids 1..60 for the tiny
 test models). A seed always gives the same task; the generators draw from their own ``random.Random``.
+Every task declares spans (``circuits.spans``), the positions that play each role, named in its generator's
+docstring; ``END`` is always the last token, where the logits are read.
 """
 
 from __future__ import annotations

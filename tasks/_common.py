@@ -1,4 +1,4 @@
-"""What every generator shares: the tokenizer checks and the loop that draws exactly ``n`` examples.
+"""What every generator shares: the tokenizer checks, the loop that draws exactly ``n`` examples, and finding spans.
 
 A template assumption that a tokenizer breaks (too few single-token names, pairs that never tokenize to the same
 length, an answer that is several tokens) is a one-line ``CircuitsError`` naming the task, the tokenizer and the
@@ -8,6 +8,8 @@ assumption, raised by ``tasks.get`` before any model runs.
 from __future__ import annotations
 
 import random
+import re
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,12 +22,36 @@ Answer = str | list[str]
 
 @dataclass(frozen=True)
 class Example:
-    """One clean/corrupted pair; the answers are those of the clean prompt."""
+    """One clean/corrupted pair; the answers are those of the clean prompt. ``spans``: the character ranges
+    ``[start, end)`` of the clean prompt that play each named role (``circuits.spans``)."""
 
     clean: str
     corrupted: str
     answer: Answer
     wrong: Answer
+    spans: dict[str, list[int]] | None = None
+
+
+# The last word, contraction ("'t") or run of punctuation: tokenizers end a prompt with it, whole
+LAST_TOKEN = re.compile(r"(?:'\w+|\w+|[^\w\s]+)$")
+
+
+def fill(template: str, **values: str) -> tuple[str, dict[str, list[int]]]:
+    """``template.format(**values)`` and the character range ``[start, end)`` each field landed at (its first
+    occurrence): found while formatting, so a name the prompt holds twice is never taken for the other."""
+    text, ranges = "", {}
+    for literal, field, _, _ in string.Formatter().parse(template):
+        text += literal
+        if field is not None:
+            ranges.setdefault(field, [len(text), len(text) + len(values[field])])
+            text += values[field]
+    return text, ranges
+
+
+def last_token(prompt: str) -> list[int]:
+    """The character range of the prompt's last token (its last word, contraction or punctuation): the ``END``
+    span, where the logits are read."""
+    return list(LAST_TOKEN.search(prompt).span())
 
 
 def describe(tokenizer) -> str:
@@ -101,7 +127,8 @@ def build(
     draw: Callable[[random.Random], Example | str | None],
     metric: str = "logit_diff",
 ) -> Task:
-    """A task of exactly ``n`` examples from ``draw``, skipping draws whose pair lengths or answers do not fit.
+    """A task of exactly ``n`` examples from ``draw``, skipping draws whose pair lengths or answers do not fit; it
+    declares the examples' spans if they have them.
 
     ``draw`` returns ``None``, or a string saying why, to skip a draw of its own. Raises ``CircuitsError`` if too
     few draws fit, naming the task, the tokenizer and why the draws were skipped (with an example of each reason).
@@ -137,6 +164,7 @@ def build(
         [e.answer for e in examples],
         [e.wrong for e in examples],
         metric=metric,
+        spans=None if examples[0].spans is None else [e.spans for e in examples],
     )
 
 

@@ -3,6 +3,7 @@
 The corrupted prompt names another country ("The capital of Spain is"), and the wrong answer is that
 country's capital (" Madrid"): the logit difference measures which country the model looked up.
 Capitals must be one token; a country may be several, as long as both countries of a pair are as long.
+Spans: ``COUNTRY`` the country, ``END`` the last token.
 
 Checked with the tokenizers of SmolLM2-135M (30 of the 33 capitals are one token) and Gemma-3-270m (all 33; it adds
 ``<bos>``), the tests' word stand-in, and none: 128 examples, seeds 0 and 1.
@@ -10,7 +11,7 @@ Checked with the tokenizers of SmolLM2-135M (30 of the 33 capitals are one token
 
 from __future__ import annotations
 
-from ._common import Example, Tokens, build, enough
+from ._common import Example, Tokens, build, enough, fill, last_token
 
 DESCRIPTION = "capitals: 'The capital of France is' -> ' Paris'"
 
@@ -39,7 +40,8 @@ def generate(tokenizer=None, n: int = 64, seed: int = 0):
     def draw(rng):
         template = rng.choice(TEMPLATES)
         country, other = rng.sample(countries, 2)
-        clean, corrupted = template.format(country=country), template.format(country=other)
-        return Example(clean, corrupted, " " + CAPITALS[country], " " + CAPITALS[other])
+        clean, at = fill(template, country=country)
+        spans = {"COUNTRY": at["country"], "END": last_token(clean)}
+        return Example(clean, template.format(country=other), " " + CAPITALS[country], " " + CAPITALS[other], spans)
 
     return build("capitals", n, seed, tokens, draw)

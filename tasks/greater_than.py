@@ -11,6 +11,9 @@ What comes next depends on how the tokenizer writes years:
 
 Answers are sets; ``logit_diff`` compares the mean logit of each set, accuracy the best of each.
 
+Spans: ``XX`` the start year's century ("17"), ``YY`` its last two digits ("45", what the answer is compared
+with), ``END`` the last token (the end year's last digit, or both its digits when years go two digits a token).
+
 Checked with the tokenizers of SmolLM2-135M and Gemma-3-270m (both digit by digit; Gemma writes " 1745" as
 "▁", "1", "7", "4", "5" after its ``<bos>``), the tests' word stand-in (two digits a token), and none: 128
 examples, seeds 0 and 1. Any other way of writing years (three digits a token, as Llama 3's tokenizer does) is a
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from circuits.errors import CircuitsError
 
-from ._common import Example, Tokens, build, under
+from ._common import Example, Tokens, build, fill, under
 
 DESCRIPTION = "greater-than: 'The war lasted from the year 1745 to the year 17' -> a year after 1745"
 
@@ -52,6 +55,7 @@ def year_scheme(tokenizer) -> str:
 def generate(tokenizer=None, n: int = 64, seed: int = 0):
     tokens = Tokens(tokenizer)
     scheme = year_scheme(tokenizer)
+    end_digits = 1 if scheme == "digits" else 2  # how many digits the last token (END) holds
 
     def draw(rng):
         century = rng.choice(CENTURIES)
@@ -68,8 +72,9 @@ def generate(tokenizer=None, n: int = 64, seed: int = 0):
             wrong = [f"{y:02d}" for y in range(year) if tokens.single(f"{y:02d}")]
             if not answers or not wrong:
                 return None
-        clean = TEMPLATE.format(noun=noun, century=century, start=start)
+        clean, at = fill(TEMPLATE, noun=noun, century=century, start=start)
         corrupted = TEMPLATE.format(noun=noun, century=century, start="01")
-        return Example(clean, corrupted, answers, wrong)
+        spans = {"XX": at["century"], "YY": at["start"], "END": [len(clean) - end_digits, len(clean)]}
+        return Example(clean, corrupted, answers, wrong, spans)
 
     return build("greater_than", n, seed, tokens, draw)

@@ -9,12 +9,17 @@ With a tokenizer the tokens are ordinary words, each one token with its leading 
 tokenize to exactly one token a word. Without one the task is token ids 1..60 (0 is padding), the vocabulary
 of the tiny test models in ``circuits.testing``.
 
+Spans: ``A`` the repeated token's first occurrence (``Ak``), ``B`` the token after it (``A(k+1)``, the answer),
+``END`` its second occurrence, the last token: character ranges of the words, or token positions for ids.
+
 Checked with the tokenizers of SmolLM2-135M and Gemma-3-270m (all 120 words are one token under both; Gemma adds
 ``<bos>``, which the one-token-a-word check leaves out), the tests' word stand-in, and none: 128 examples,
 seeds 0 and 1.
 """
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 from circuits.task import Task
 
@@ -42,6 +47,11 @@ WORDS = [
 ]  # fmt: skip
 
 
+def _roles(k: int) -> dict[str, int]:
+    """The spans as word (token) indices of a prompt that repeats its first ``k`` words."""
+    return {"A": k - 1, "B": k, "END": FIRST_HALF + k - 1}
+
+
 def _halves(rng, pool):
     """The first half, the corrupted first half and the wrong answer: all distinct items of ``pool``."""
     drawn = rng.sample(pool, 2 * FIRST_HALF + 1)
@@ -58,13 +68,16 @@ def generate(tokenizer=None, n: int = 64, seed: int = 0):
     def draw(rng):
         k = rng.randint(SHORTEST_REPEAT, LONGEST_REPEAT)
         first, other, wrong = _halves(rng, words)
-        clean = "".join(" " + w for w in first + first[:k])
+        pieces = [" " + w for w in first + first[:k]]
+        clean = "".join(pieces)
+        starts = list(accumulate(map(len, pieces), initial=0))
         corrupted = "".join(" " + w for w in other + first[:k])
         # One token a word, or the repeat would not line up token for token (special tokens such as Gemma's
         # <bos> are the same in both prompts and do not count).
         if tokens.pieces(clean) != FIRST_HALF + k:
             return "the words do not tokenize one token a word in sequence"
-        return Example(clean, corrupted, " " + first[k], " " + wrong)
+        spans = {name: [starts[i], starts[i + 1]] for name, i in _roles(k).items()}
+        return Example(clean, corrupted, " " + first[k], " " + wrong, spans)
 
     return build("induction", n, seed, tokens, draw)
 
@@ -80,6 +93,7 @@ def _token_ids(n: int, seed: int):
 
     text = build("induction", n, seed, Tokens(), draw)
     ids = [[[int(t) for t in prompt.split()] for prompt in column] for column in (text.clean, text.corrupted)]
+    spans = [_roles(len(prompt) - FIRST_HALF) for prompt in ids[0]]
     return Task.from_token_ids(
-        "induction", ids[0], ids[1], [int(a) for a in text.answers], [int(w) for w in text.wrong_answers]
+        "induction", ids[0], ids[1], [int(a) for a in text.answers], [int(w) for w in text.wrong_answers], spans=spans
     )

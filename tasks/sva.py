@@ -3,7 +3,8 @@
 The subject is singular or plural, often followed by a prepositional phrase whose noun (the attractor)
 has the other number or the same one at random. The corrupted prompt swaps the subject for its other
 number ("key" for "keys"), so the verb that agreed with the clean subject no longer does. Each example
-asks for " is"/" are" or " was"/" were".
+asks for " is"/" are" or " was"/" were". Spans: ``SUBJ`` the subject noun, ``END`` the last token (absent where
+the subject is the last token, "The old keys": the logits are then read at ``SUBJ``).
 
 Checked with the tokenizers of SmolLM2-135M and Gemma-3-270m (all 34 noun pairs are one token a word under both;
 Gemma adds ``<bos>``), the tests' word stand-in, and none: 128 examples, seeds 0 and 1.
@@ -11,7 +12,7 @@ Gemma adds ``<bos>``), the tests' word stand-in, and none: 128 examples, seeds 0
 
 from __future__ import annotations
 
-from ._common import Example, Tokens, build, enough
+from ._common import Example, Tokens, build, enough, fill, last_token
 
 DESCRIPTION = "subject-verb agreement: 'The keys to the cabinet' -> ' are' rather than ' is'"
 
@@ -53,8 +54,10 @@ def generate(tokenizer=None, n: int = 64, seed: int = 0):
         plural = rng.random() < 0.5
         attractor = rng.choice(ATTRACTORS)[rng.random() < 0.5]
         verbs = rng.choice(VERBS)
-        clean = template.format(subject=subject[plural], attractor=attractor)
+        clean, at = fill(template, subject=subject[plural], attractor=attractor)
         corrupted = template.format(subject=subject[not plural], attractor=attractor)
-        return Example(clean, corrupted, verbs[plural], verbs[not plural])
+        end = last_token(clean)
+        spans = {"SUBJ": at["subject"], "END": None if end == at["subject"] else end}  # "The old keys": no END
+        return Example(clean, corrupted, verbs[plural], verbs[not plural], spans)
 
     return build("sva", n, seed, tokens, draw)
