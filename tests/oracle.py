@@ -3,7 +3,10 @@
 It shares no code with the engine: it reads source outputs and rewrites one
 destination's input on the unmodified HF model, using the HF modules' own
 forward methods. Used as the oracle for the engine's invariants and for the
-exact methods.
+exact methods. The finer levels: an edge patched at some positions only, a
+source's output dimensions patched for every reader (corrected where the source
+joins the stream), and one MLP hidden unit (the input of the MLP's output
+projection) patched.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class Layout:
     attn_post_norm: str | None = None  # a norm on the summed attention output before it joins the stream
     mlp_out: str | None = None  # the module whose output is the MLP's write to the stream (default: mlp)
     residual_multiplier: float = 1.0  # every attention and MLP write is scaled by this (Granite)
+    # the MLP's output projection, per layer: its input is the MLP's hidden units (None: a mixture of experts,
+    # which has no one set of hidden units); filled in by ``layout`` from ``MLP_HIDDEN``
+    mlp_hidden: str | None = None
 
 
 def llama_like(hf: nn.Module, **overrides) -> Layout:
@@ -189,7 +195,34 @@ LAYOUTS = {
 }
 
 
+# model_type -> the MLP output projection's path in a block, for the families whose isn't ``mlp.down_proj``
+MLP_HIDDEN = {
+    "gpt2": "mlp.c_proj",
+    "gpt_bigcode": "mlp.c_proj",
+    "gpt_neo": "mlp.c_proj",
+    "starcoder2": "mlp.c_proj",
+    "gpt_neox": "mlp.dense_4h_to_h",
+    "falcon": "mlp.dense_4h_to_h",
+    "bloom": "mlp.dense_4h_to_h",
+    "gptj": "mlp.fc_out",
+    "phi": "mlp.fc2",
+    "opt": "fc2",  # OPT's MLP is fc1/fc2 of the decoder layer, on the flattened [B*T, D] stream
+    # mixtures of experts: hidden units per expert, chosen per token
+    "mixtral": None,
+    "olmoe": None,
+    "qwen2_moe": None,
+    "qwen3_moe": None,
+    "gpt_oss": None,
+}
+
+
 def layout(hf: nn.Module) -> Layout:
+    lay = _family_layout(hf)
+    lay.mlp_hidden = MLP_HIDDEN.get(hf.config.model_type, "mlp.down_proj")
+    return lay
+
+
+def _family_layout(hf: nn.Module) -> Layout:
     cfg = hf.config
     if cfg.model_type in LAYOUTS:
         return LAYOUTS[cfg.model_type](hf)
@@ -235,8 +268,25 @@ def _first_arg(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _with_first_arg(args, kwargs, value):
+    """``(args, kwargs)`` with the first argument (positional, or the ``hidden_states`` keyword) replaced."""
+    if args:
+        return (value,) + tuple(args[1:]), kwargs
+    return args, kwargs | {"hidden_states": value}
+
+
+def _replace_output(out, value):
+    """A module's output with its tensor (the first element of a tuple: MoE blocks) replaced by ``value``."""
+    return (value,) + tuple(out[1:]) if isinstance(out, tuple) else value
+
+
+def _output_tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
 class Oracle:
-    """Patch one edge ``src->dst`` of an HF model by hooks; returns the logits."""
+    """Patch one edge ``src->dst`` (``patch_edge``), one source's output dimensions (``patch_source``) or one
+    MLP hidden unit (``patch_hidden``) of an HF model by hooks; each returns the logits."""
 
     def __init__(self, hf: nn.Module):
         self.hf, self.cfg, self.lay = hf, hf.config, layout(hf)
@@ -362,18 +412,115 @@ class Oracle:
             self.hf(input_ids, attention_mask=attention_mask)
         return store["out"]
 
+    @contextmanager
+    def _correct_source(self, src: str, correction):
+        """Subtract ``correction()`` ``[B, T, D]`` (read lazily) from source ``src``'s write to the stream, where
+        it is written: every reader of the source sees the change."""
+        lay = self.lay
+        scale = lay.residual_multiplier  # the stream receives a module's output times this
+
+        def corrected(out, divisor=1.0):
+            tensor = _output_tensor(out)
+            return _replace_output(out, tensor - (correction() / divisor).reshape(tensor.shape))
+
+        if src == "input":  # the stream entering the first layer (what _capture_source records)
+
+            def correct_input(module, args, kwargs):
+                x = _first_arg(args, kwargs)
+                return _with_first_arg(args, kwargs, x - correction().reshape(x.shape))
+
+            hooks = [lay.layers[0].register_forward_pre_hook(correct_input, with_kwargs=True)]
+        elif (match := re.fullmatch(r"a(\d+)\.h(\d+)", src)) is not None:
+            block = lay.layers[int(match[1])]
+            if lay.attn_post_norm is not None:  # the normed attention output is what joins the stream
+                module, divisor = _module(block, lay.attn_post_norm), 1.0
+            else:
+                module, divisor = _module(block, lay.out_proj), scale
+            hooks = [module.register_forward_hook(lambda m, a, out: corrected(out, divisor))]
+        else:
+            block = lay.layers[int(re.fullmatch(r"m(\d+)", src)[1])]
+            mlp = _module(block, lay.mlp_out or lay.mlp)  # OPT: its output is the flattened [B*T, D] stream
+            hooks = [mlp.register_forward_hook(lambda m, a, out: corrected(out, scale))]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _hidden_module(self, layer: int) -> nn.Module:
+        if self.lay.mlp_hidden is None:
+            raise ValueError(f"{self.cfg.model_type}: a mixture of experts has no one set of MLP hidden units")
+        return _module(self.lay.layers[layer], self.lay.mlp_hidden)
+
+    @torch.no_grad()
+    def hidden_units(self, layer: int, input_ids, attention_mask) -> torch.Tensor:
+        """MLP ``layer``'s hidden units ``[B, T, d_mlp]`` in a run: the input of its output projection."""
+        store = {}
+
+        def record(module, args):
+            store["h"] = args[0].clone()
+
+        hook = self._hidden_module(layer).register_forward_pre_hook(record)
+        try:
+            self.hf(input_ids, attention_mask=attention_mask)
+        finally:
+            hook.remove()
+        return store["h"].reshape(*input_ids.shape, -1)  # OPT: from the flattened [B*T, d_mlp]
+
+    @torch.no_grad()
+    def patch_hidden(
+        self, layer: int, unit: int, clean_ids, attention_mask, value: torch.Tensor | None, weight: float = 0.0
+    ) -> torch.Tensor:
+        """Logits with MLP ``layer``'s hidden unit ``unit`` at mask value ``weight`` at every position: it reads
+        ``value + weight * (h - value)`` (``value`` ``[B, T]``; None means zero)."""
+
+        def replace(module, args):
+            hidden = args[0].clone()
+            patch = torch.zeros_like(hidden[..., unit]) if value is None else value.reshape(hidden.shape[:-1])
+            hidden[..., unit] = patch + weight * (hidden[..., unit] - patch)
+            return (hidden,) + tuple(args[1:])
+
+        hook = self._hidden_module(layer).register_forward_pre_hook(replace)
+        try:
+            return self.hf(clean_ids, attention_mask=attention_mask).logits
+        finally:
+            hook.remove()
+
+    @torch.no_grad()
+    def patch_source(
+        self, src: str, clean_ids, attention_mask, ablation: torch.Tensor | None, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits with source ``src``'s output dimensions at mask values ``weight`` ``[D]``: every reader of the
+        source sees ``out + (1 - weight) * (ablation - out)``. ``ablation`` None means zero."""
+        store = {}
+
+        def correction():
+            patch = torch.zeros_like(store["out"]) if ablation is None else ablation
+            return (1 - weight) * (store["out"] - patch)
+
+        with self._capture_source(src, store), self._correct_source(src, correction):
+            return self.hf(clean_ids, attention_mask=attention_mask).logits
+
     @torch.no_grad()
     def patch_edge(
-        self, edge: str, clean_ids, attention_mask, ablation: torch.Tensor | None, weight: float = 0.0
+        self,
+        edge: str,
+        clean_ids,
+        attention_mask,
+        ablation: torch.Tensor | None,
+        weight: float = 0.0,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits with ``edge`` at mask value ``weight``: its destination reads
-        ``out + (1 - weight) * (ablation - out)`` from the source. ``ablation`` None means zero."""
+        ``out + (1 - weight) * (ablation - out)`` from the source. ``ablation`` None means zero.
+        ``positions`` ``[B, T]`` bool: only there (elsewhere the destination reads the source unchanged)."""
         src, dst = edge.split("->")
         store = {}
 
         def shift():
             patch = torch.zeros_like(store["out"]) if ablation is None else ablation
-            return (1 - weight) * (store["out"] - patch)
+            delta = (1 - weight) * (store["out"] - patch)
+            return delta if positions is None else delta * positions[..., None].to(delta.dtype)
 
         with self._capture_source(src, store), self._rewrite_destination(dst, shift):
             return self.hf(clean_ids, attention_mask=attention_mask).logits

@@ -342,11 +342,11 @@ def test_exact_patching_retries_a_batch_that_ran_out_of_memory_half_way(model, t
     original = engine.PrefixCache.run_ablations
     state = {"runs": 0}
 
-    def failing(cache, units, from_layer):
+    def failing(cache, units, from_layer, *rest):
         state["runs"] += 1
         if state["runs"] == 3:  # in the middle of the first batch
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return original(cache, units, from_layer)
+        return original(cache, units, from_layer, *rest)
 
     monkeypatch.setattr(engine.PrefixCache, "run_ablations", failing)
     scores = circuits.attribute(model, task, "exact", batch_size=8, level=level, **OPTIONS).tensor
