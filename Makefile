@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench results methods clean
+.PHONY: setup demo test test-fast lint bench results methods positions neurons clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,8 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow" -q
 
 lint: setup
-	$(VENV)/bin/ruff check circuits tasks tests benchmarks scripts results/run.py results/ground_truth/run.py results/methods/run.py notebooks/run.py
-	$(VENV)/bin/ruff format --check circuits tasks tests benchmarks scripts results/run.py results/ground_truth/run.py results/methods/run.py notebooks/run.py
+	$(VENV)/bin/ruff check circuits tasks tests benchmarks scripts results/run.py results/ground_truth/run.py results/methods/run.py results/positions/run.py results/neurons/run.py results/finer.py notebooks/run.py
+	$(VENV)/bin/ruff format --check circuits tasks tests benchmarks scripts results/run.py results/ground_truth/run.py results/methods/run.py results/positions/run.py results/neurons/run.py results/finer.py notebooks/run.py
 
 # Reference runs of every catalogue task (resumable), the table in results/README.md
 results: setup
@@ -42,6 +42,13 @@ results: setup
 # Every method on every catalogue task and ground-truth model (resumable), the table in results/methods/README.md
 methods: setup
 	$(PY) results/methods/run.py
+
+# Position-aware against position-agnostic circuits, neuron- against node-level circuits (SmolLM2; resumable)
+positions: setup
+	$(PY) results/positions/run.py
+
+neurons: setup
+	$(PY) results/neurons/run.py
 
 bench: setup
 	$(PY) benchmarks/forward.py
