@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the gradient method's backward pass: exact gradients, or GIM's or RelP's rules",
     )
     discover.add_argument(
+        "--positions",
+        action="store_true",
+        help="score and keep edges by span (the task's declared spans, or every position of one-template prompts)",
+    )
+    discover.add_argument(
         "--full-json",
         action="store_true",
         help="circuit.json lists every edge (the EAP-IG/MIB layout), not the circuit's",
@@ -347,11 +352,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
 def run_discover(args: argparse.Namespace) -> int:
     from .io import check_writable_folder
     from .methods import check_backward, check_gradient_metric
-    from .pipeline import check_output_folder, discover
+    from .pipeline import check_output_folder, check_positions, discover
 
     for method in (args.method, *args.compare):  # the task's metric is --metric: refuse before the model loads
         check_gradient_metric(method, args.metric, args.ig_steps)
     check_backward(args.method, args.backward)
+    check_positions(args.positions, args.threshold if args.acdc else None, args.select)
     task = _read_task(args)
     check_output_folder(args.out)
     if args.checkpoint is not None:
@@ -378,6 +384,7 @@ def run_discover(args: argparse.Namespace) -> int:
         full_json=args.full_json,
         checkpoint=args.checkpoint,
         backward=args.backward,
+        positions=args.positions,
     )
     e, c = summary["evaluation"], summary["circuit"]
     print(f"circuit: {c['edges']} edges, {c['nodes']} nodes; faithfulness {e['faithfulness']:.3f}")

@@ -62,7 +62,15 @@ def select_circuit(scores: Scores, n: int, how: Selection) -> Circuit:
         return scores.most_helpful(n)
     if how == "absolute":
         return scores.top_n(n)
+    if scores.spans is not None:
+        raise CircuitsError("greedy selection grows whole edges: choose signed or absolute with positions")
     return select(scores, greedy_mask(scores, n), f"greedy({n})")
+
+
+def check_positions(positions: bool, acdc_threshold: float | None, selection: str) -> None:
+    """A CircuitsError for a discovery by span that asks for ACDC or greedy selection (they grow whole edges)."""
+    if positions and (acdc_threshold is not None or selection == "greedy"):
+        raise CircuitsError("with positions the circuit is selected by signed or absolute scores, without ACDC")
 
 
 def discover(
@@ -85,8 +93,12 @@ def discover(
     checkpoint: str | Path | None = None,
     max_memory: int | str | None = None,
     backward: Backward = "gradient",
+    positions: bool = False,
 ) -> dict[str, Any]:
     """Find ``task``'s circuit in ``model`` and write the output folder ``out``; returns the summary.
+
+    ``positions``: every method scores edges by span (``circuits.attribute(..., positions=True)``), the circuit
+    keeps ``top_n`` edges at a span and is pruned span by span (not with ACDC or greedy selection).
 
     ``method`` scores every edge; the circuit is its ``top_n`` edges chosen by ``selection``, or, with
     ``acdc_threshold``, ACDC (on ``acdc_metric``) run on the method's ``candidates`` best edges, chosen
@@ -125,7 +137,9 @@ def discover(
     for name in (method, *compare):  # before any work: a pair whose gradients are all zero is refused
         check_gradient_metric(name, task.metric, ig_steps)
     check_backward(method, backward)
+    check_positions(positions, acdc_threshold, selection)
     settings = dict(method=method, ablation=ablation, batch_size=batch_size, ig_steps=ig_steps, backward=backward)
+    settings["positions"] = positions
     settings.update(acdc_threshold=acdc_threshold, acdc_metric=acdc_metric, candidates=candidates, selection=selection)
     if checkpoint is not None and out.resolve() in (Path(checkpoint).resolve(), *Path(checkpoint).resolve().parents):
         raise CircuitsError(f"checkpoint folder {checkpoint} is inside the output folder {out}, which is replaced")
@@ -135,6 +149,7 @@ def discover(
         check_task(model, task, ablation, batch_size, max_memory)
     plan = BatchPlan(batch_size, model.device, max_memory)  # one layout for every later phase
     options = {"ablation": ablation, "batch_size": plan, "ig_steps": ig_steps, "progress": progress}
+    options["positions"] = positions
     with phases("attribution", f"scoring {len(model.graph):,} edges with {method} ({len(task)} examples)"):
         scores = attribute(model, task, method, **options, checkpoint=_phase(folder, "attribution"), backward=backward)
     with phases("selection", "selecting the circuit"):
@@ -194,6 +209,8 @@ def _run_settings(arguments: dict[str, Any]) -> dict[str, Any]:
         settings["ig_steps"] = arguments["ig_steps"]
     if arguments.get("backward", "gradient") != "gradient":  # absent for plain gradients: old folders stay valid
         settings["backward"] = arguments["backward"]
+    if arguments.get("positions"):  # likewise absent without positions
+        settings["positions"] = True
     settings["acdc_threshold"] = arguments["acdc_threshold"]
     if arguments["acdc_threshold"] is not None:
         settings.update({key: arguments[key] for key in ("acdc_metric", "candidates", "selection")})

@@ -311,3 +311,24 @@ def test_every_bad_input_error_of_the_package_is_a_circuits_error():
         with pytest.raises(circuits.CircuitsError):
             bad_call()
     assert issubclass(circuits.CircuitsError, ValueError)
+
+
+def test_discover_by_position_keeps_edges_at_spans_and_evaluates_them(model_dir, tmp_path):
+    out = tmp_path / "by-span"
+    status = main(["discover", "--model", str(model_dir), "--task", "induction", "--n", "8", "--method", "eap",
+                   "--compare", "eap-ig-inputs", "--ig-steps", "2", "--top-n", "30", "--positions", "--out", str(out),
+                   "--quiet"])  # fmt: skip
+    assert status == 0
+    circuit = circuits.Circuit.load(out / "circuit.json")
+    assert circuit.spans.names == ("A", "B", "END", "rest")
+    assert 0 < len(circuit) <= 30 and all("@" in edge for edge in circuit.edges)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["curves"]) == {"eap", "eap-ig-inputs"}
+
+
+def test_discover_by_position_with_acdc_exits_2_before_the_model_loads(tmp_path, capsys):
+    status = main(["discover", "--model", str(tmp_path / "no-model"), "--task", "induction", "--positions", "--acdc",
+                   "--out", str(tmp_path / "o")])  # fmt: skip
+    assert status == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "with positions" in line

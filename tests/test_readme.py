@@ -38,3 +38,18 @@ def test_the_models_table_names_every_supported_model_type():
     named = set(re.findall(r"`([a-z0-9_]+)`", table))
     missing = set(circuits.arch.supported_model_types()) - {"circuits-native"} - named
     assert not missing, f"README's models table lacks {sorted(missing)}"
+
+
+def finer_example() -> str:
+    section = README.read_text(encoding="utf-8").split("## Finer circuits: token positions and neurons", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_the_finer_circuits_example_runs_and_draws_its_figures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names: dict = {"__name__": "readme"}
+    exec(compile(finer_example(), str(README), "exec"), names)
+    assert names["scores"].tensor.shape[2] == 6 and len(names["circuit"]) <= 300
+    assert names["neurons"].tensor.shape == (names["model"].graph.n_src, 576)
+    assert (tmp_path / "ioi_by_span.png").stat().st_size > 0 and (tmp_path / "top.png").stat().st_size > 0

@@ -97,11 +97,13 @@ def rebuild(records: list[dict]) -> None:
         for row, level in enumerate(NODE_BUDGETS):
             ax, data = axes[row][column], record["levels"][level]
             xs = [r["neurons"] for r in data["rows"]]
-            ax.plot(xs, [r["faithfulness_nodes"] for r in data["rows"]], marker="o", ms=3, color="#7A7A7A")
-            ax.plot(xs, [r["faithfulness_neurons"] for r in data["rows"]], marker="o", ms=3, color="#0072B2")
-            ax.lines[0].set_label("whole nodes" if level == "neuron" else "whole MLPs")
-            ax.lines[1].set_label("output dimensions" if level == "neuron" else "MLP hidden units")
+            whole, parts = ("whole nodes", "output dimensions") if level == "neuron" else ("whole MLPs", "hidden units")
+            for key, colour, label in (("nodes", "#7A7A7A", whole), ("neurons", "#0072B2", parts)):
+                values = [r[f"faithfulness_{key}"] for r in data["rows"]]
+                ax.plot(xs, values, marker="o", ms=3, color=colour, label=label)
             ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(xs, [f"{x:,}" for x in xs], fontsize=7)
             ax.axhline(1, color="#CCCCCC", lw=0.8)
             ax.set_xlabel("neurons kept")
             ax.set_ylabel("faithfulness")
