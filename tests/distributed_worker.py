@@ -49,6 +49,14 @@ def results(model, task) -> dict[str, torch.Tensor]:
     out["eap-auto"] = circuits.attribute(model, task, "eap", batch_size="auto", progress=False).tensor
     out["exact"] = circuits.attribute(model, task, "exact", batch_size=3, progress=False).tensor
     out["exact-node"] = circuits.attribute(model, task, "exact", batch_size=3, level="node", progress=False).tensor
+    spanned = circuits.Task.from_dict({**task.to_dict(), "spans": [{"A": 1, "END": -1}] * len(task)})
+    for method in ("eap", "exact"):
+        out[f"{method}-positions"] = circuits.attribute(
+            model, spanned, method, batch_size=3, positions=True, progress=False
+        ).tensor
+    for level in ("neuron", "mlp-neuron"):
+        scores = circuits.attribute(model, task, "eap", batch_size=BATCH, level=level, progress=False)
+        out[f"eap-{level}"] = scores.tensor
     scores = found["eap"]
     curve = circuits.faithfulness_curve(model, task, scores, batch_size=BATCH)
     out["curve"] = torch.tensor(curve.frame.to_numpy(dtype="float64"))
