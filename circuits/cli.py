@@ -357,7 +357,7 @@ def run_discover(args: argparse.Namespace) -> int:
     for method in (args.method, *args.compare):  # the task's metric is --metric: refuse before the model loads
         check_gradient_metric(method, args.metric, args.ig_steps)
     check_backward(args.method, args.backward)
-    check_positions(args.positions, args.threshold if args.acdc else None, args.select)
+    check_positions(args.positions, args.select)
     task = _read_task(args)
     check_output_folder(args.out)
     if args.checkpoint is not None:

@@ -381,26 +381,33 @@ class PrefixCache:
         patch: torch.Tensor | None,
         logit_positions: torch.Tensor | None = None,
         base_mask: torch.Tensor | None = None,
+        spans: torch.Tensor | None = None,
     ):
-        self.model, self.logit_positions, self.patch = model, logit_positions, patch
+        self.model, self.logit_positions, self.patch, self.spans = model, logit_positions, patch, spans
         graph = model.graph
         with torch.no_grad():
             if base_mask is None:
                 removal = torch.zeros(graph.n_src, graph.n_dst, dtype=model.dtype, device=model.device)
             else:
-                removal = check_edge_mask(model, base_mask)
-            run = _Run.start(model, input_ids, attention_mask, removal, patch)
+                removal = check_edge_mask(model, base_mask, spans, input_ids)
+            run = _Run.start(model, input_ids, attention_mask, removal, patch, spans=spans)
             self.ctx = run.ctx
-            self.states = []  # per layer: (stream, sum of deltas) before that layer
+            # per layer, before it: (stream, sum of deltas); by span (``_SpanDeltas``): (stream, deltas' chunks)
+            self.states = []
             for slots in graph.layers:
-                self.states.append((run.resid, run.deltas.total.clone()))
+                self.states.append((run.resid, self._saved(run.deltas)))
                 run.layer(slots)
-            self.states.append((run.resid, run.deltas.total.clone()))
+            self.states.append((run.resid, self._saved(run.deltas)))
             self.base_logits = run.logits(logit_positions)
-        self.base_deltas = run.deltas.buffer
-        self.working = self.base_deltas.clone()
+        self.base_deltas = getattr(run.deltas, "buffer", None)
+        self.working = None if self.base_deltas is None else self.base_deltas.clone()
         self.dirty_from = graph.n_src  # rows of ``working`` at and after this differ from the base run
         self.layers_run = 0  # layers computed by run(), for counting forward-pass equivalents
+
+    @staticmethod
+    def _saved(deltas: _Deltas | _SpanDeltas):
+        """What a run from a layer takes of the deltas before it: their sum, or (by span) their chunks so far."""
+        return list(deltas.chunks) if isinstance(deltas, _SpanDeltas) else deltas.total.clone()
 
     def reads_before(self, layer: int) -> int:
         """How many sources precede ``layer`` (``n_layers`` for the unembedding)."""
@@ -411,6 +418,17 @@ class PrefixCache:
         """Logits with ``edge_mask``, recomputing only layers ``from_layer`` onward."""
         graph = self.model.graph
         start = self.reads_before(from_layer)
+        if edge_mask.dim() == 3:  # by span: the saved chunks are never written to, a run appends its own
+            with torch.no_grad():
+                removal = check_edge_mask(self.model, edge_mask, self.spans)
+                resid, chunks = self.states[from_layer]
+                deltas = _SpanDeltas(removal, self.patch, tuple(resid.shape), self.spans)
+                deltas.chunks, deltas.count = list(chunks), start
+                run = _Run(self.model, self.ctx, resid, deltas)
+                for slots in graph.layers[from_layer:]:
+                    run.layer(slots)
+                self.layers_run += graph.n_layers - from_layer
+                return run.logits(self.logit_positions)
         if self.dirty_from < start:  # an earlier run from a lower layer overwrote rows we need
             self.working[self.dirty_from : start] = self.base_deltas[self.dirty_from : start]
         self.dirty_from = min(self.dirty_from, start)

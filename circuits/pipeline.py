@@ -67,10 +67,10 @@ def select_circuit(scores: Scores, n: int, how: Selection) -> Circuit:
     return select(scores, greedy_mask(scores, n), f"greedy({n})")
 
 
-def check_positions(positions: bool, acdc_threshold: float | None, selection: str) -> None:
-    """A CircuitsError for a discovery by span that asks for ACDC or greedy selection (they grow whole edges)."""
-    if positions and (acdc_threshold is not None or selection == "greedy"):
-        raise CircuitsError("with positions the circuit is selected by signed or absolute scores, without ACDC")
+def check_positions(positions: bool, selection: str) -> None:
+    """A CircuitsError for a discovery by span that asks for greedy selection (it grows whole edges)."""
+    if positions and selection == "greedy":
+        raise CircuitsError("with positions the circuit is selected by signed or absolute scores, not greedy")
 
 
 def discover(
@@ -98,7 +98,8 @@ def discover(
     """Find ``task``'s circuit in ``model`` and write the output folder ``out``; returns the summary.
 
     ``positions``: every method scores edges by span (``circuits.attribute(..., positions=True)``), the circuit
-    keeps ``top_n`` edges at a span and is pruned span by span (not with ACDC or greedy selection).
+    keeps ``top_n`` edges at a span (or ACDC searches edges at a span) and is pruned span by span (not with
+    greedy selection).
 
     ``method`` scores every edge; the circuit is its ``top_n`` edges chosen by ``selection``, or, with
     ``acdc_threshold``, ACDC (on ``acdc_metric``) run on the method's ``candidates`` best edges, chosen
@@ -137,7 +138,7 @@ def discover(
     for name in (method, *compare):  # before any work: a pair whose gradients are all zero is refused
         check_gradient_metric(name, task.metric, ig_steps)
     check_backward(method, backward)
-    check_positions(positions, acdc_threshold, selection)
+    check_positions(positions, selection)
     settings = dict(method=method, ablation=ablation, batch_size=batch_size, ig_steps=ig_steps, backward=backward)
     settings["positions"] = positions
     settings.update(acdc_threshold=acdc_threshold, acdc_metric=acdc_metric, candidates=candidates, selection=selection)
@@ -156,7 +157,7 @@ def discover(
         if acdc_threshold is None:
             circuit = select_circuit(scores, top_n, selection)
         else:
-            pool = select_circuit(scores, min(candidates, len(model.graph)), selection)
+            pool = select_circuit(scores, min(candidates, len(scores)), selection)
             found = acdc(
                 model,
                 task,
@@ -167,8 +168,9 @@ def discover(
                 progress=progress,
                 batch_size=plan,
                 checkpoint=_phase(folder, "acdc"),
+                positions=positions,
             )
-            circuit = Circuit(model.graph, found.mask, scores=scores.tensor, meta=found.meta)
+            circuit = Circuit(model.graph, found.mask, scores=scores.tensor, meta=found.meta, spans=found.spans)
             circuit.meta.update({"method": f"acdc on {method} candidates", "candidates": len(pool)})
     circuit.meta.update({"model": model.name, "task": task.name, "ablation": ablation})
     with phases("evaluation", f"evaluating the {len(circuit)}-edge circuit"):

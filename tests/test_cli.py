@@ -326,9 +326,20 @@ def test_discover_by_position_keeps_edges_at_spans_and_evaluates_them(model_dir,
     assert set(summary["curves"]) == {"eap", "eap-ig-inputs"}
 
 
-def test_discover_by_position_with_acdc_exits_2_before_the_model_loads(tmp_path, capsys):
-    status = main(["discover", "--model", str(tmp_path / "no-model"), "--task", "induction", "--positions", "--acdc",
-                   "--out", str(tmp_path / "o")])  # fmt: skip
+def test_discover_by_position_with_greedy_selection_exits_2_before_the_model_loads(tmp_path, capsys):
+    status = main(["discover", "--model", str(tmp_path / "no-model"), "--task", "induction", "--positions", "--select",
+                   "greedy", "--out", str(tmp_path / "o")])  # fmt: skip
     assert status == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert "with positions" in line
+
+
+def test_discover_by_position_with_acdc_searches_edges_at_spans(model_dir, tmp_path):
+    out = tmp_path / "acdc-by-span"
+    status = main(["discover", "--model", str(model_dir), "--task", "induction", "--n", "8", "--method", "eap",
+                   "--positions", "--acdc", "--threshold", "0.05", "--candidates", "60", "--acdc-metric",
+                   "logit_diff", "--out", str(out), "--quiet"])  # fmt: skip
+    assert status == 0
+    circuit = circuits.Circuit.load(out / "circuit.json")
+    assert circuit.spans is not None and 0 < len(circuit) <= 60
+    assert circuit.meta["method"] == "acdc on eap candidates"

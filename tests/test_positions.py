@@ -388,3 +388,44 @@ def test_the_position_figure_draws_every_circuit_edge_once_per_column_it_reaches
     assert drawn == set(circuit.edges)
     assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == list(circuit.spans.names)
     assert (tmp_path / "circuit.svg").read_text().count("<g id=") > len(drawn)
+
+
+# --- ACDC by span -----------------------------------------------------------------------------------------------
+
+
+def test_acdc_by_span_resumes_prefixes_exactly(models):
+    """The prefix caches by span give the same search as whole forwards."""
+    model, task = models["gpt2"], spans_task()
+    options = {"positions": True, "progress": False, "batch_size": 4, "metric": "logit_diff"}
+    fast = circuits.acdc(model, task, 0.05, **options)
+    slow = circuits.acdc(model, task, 0.05, reuse_prefix=False, **options)
+    assert torch.equal(fast.mask, slow.mask)
+    assert fast.spans.names == ("A", "B", "END", "rest") and 0 < len(fast) < len(position_units(model, fast.spans))
+    assert fast.meta["forward_equivalents"] < slow.meta["forward_equivalents"]
+
+
+def position_units(model, spans):
+    return model.graph.real[:, :, None].expand(-1, -1, len(spans)).nonzero()
+
+
+def test_acdc_by_span_with_an_empty_span_finds_the_edge_level_circuit_at_the_rest(models):
+    """A span no example has changes nothing: its edges go, and at ``rest`` (every position) ACDC by span makes
+    the edge-level search's decisions."""
+    model = models["llama"]
+    plain = spans_task()
+    task = circuits.Task.from_dict({**plain.to_dict(), "spans": [{"NONE": []}] * len(plain)})
+    options = {"progress": False, "batch_size": 6, "metric": "logit_diff"}
+    edges = circuits.acdc(model, plain, 0.05, **options)
+    by_span = circuits.acdc(model, task, 0.05, positions=True, **options)
+    assert by_span.spans.names == ("NONE", "rest")
+    assert not by_span.mask[:, :, 0].any()
+    assert torch.equal(by_span.mask[:, :, 1], edges.mask)
+
+
+def test_acdc_by_span_takes_candidates_by_span(models, position_scores):
+    pool = position_scores.most_helpful(40)
+    found = circuits.acdc(
+        models["llama"], spans_task(), 0.02, candidates=pool, positions=True, progress=False, metric="logit_diff"
+    )
+    assert not (found.mask & ~pool.mask).any()
+    assert found.meta["candidates"] == len(pool)

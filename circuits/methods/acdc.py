@@ -36,8 +36,9 @@ from ..errors import CircuitsError
 from ..graph import Graph
 from ..model import Model
 from ..resume import open_checkpoint
+from ..spans import Spans
 from ..task import Task, metric_values
-from .common import batches
+from .common import EDGES, Resolution, batches, resolution_of
 
 
 def destination_order(graph: Graph) -> list[int]:
@@ -61,8 +62,14 @@ def acdc(
     batch_size: BatchSize = 32,
     reuse_prefix: bool = True,
     max_memory: int | str | None = None,
+    positions: bool = False,
 ) -> Circuit:
     """Run ACDC; returns the circuit with ``meta`` (forward-pass equivalents, steps, metric).
+
+    ``positions``: edges at a span are the units (the task's spans, ``circuits.spans``): each destination's
+    incoming edges are visited span by span, last span first, and a destination at a span is dropped without
+    evaluation when none of the nodes it carries to (at that span; a key or value: at every span it reaches) has
+    a remaining outgoing edge there. ``candidates`` may then also be a circuit by span.
 
     ``candidates``: edge names, a Circuit or a boolean mask restricting the search; every other
     edge counts as removed. ``checkpoint``: a file (see ``circuits.resume``) saved atomically after
@@ -86,7 +93,8 @@ def acdc(
     check_batch_size(batch_size)
     plan = BatchPlan.of(batch_size, model.device, max_memory)
     graph = model.graph
-    kept = graph.real.clone() if candidates is None else edge_mask_from(graph, candidates)
+    resolution = resolution_of(model, task, "edge", positions)
+    kept = _candidates(graph, candidates, resolution.spans)
     n_candidates = int(kept.sum())
     config = {"threshold": float(threshold), "metric": metric, "ablation": ablation}
     parameters = {
@@ -96,6 +104,8 @@ def acdc(
         "candidates": kept,
         "reuse_prefix": reuse_prefix,
     }
+    if resolution.spans is not None:
+        parameters["spans"] = resolution.spans.to_dict()
     resumable = open_checkpoint(checkpoint, model, task, parameters)
     if resumable is not None:  # it records the batches laid out, and replays them when resumed
         resumable = PlannedCheckpoint(resumable, plan)
@@ -106,30 +116,25 @@ def acdc(
     if saved is None:
         state = {"next": 0, "steps": 0, "cost": dict.fromkeys(COST_KEYS, 0.0)}
     else:
-        state, kept = _resumed(saved, resumable, graph, len(order))
+        state, kept = _resumed(saved, resumable, graph, len(order), kept.shape)
     show = progress and distributed.is_main()
     bar = tqdm(total=len(order), initial=state["next"], desc="ACDC destinations", disable=not show)
     for position in range(state["next"], len(order)):
         if scorer is None:
             # the prefix before each layer is computed with the candidate mask, which ACDC has not touched there
-            scorer = _Scorer(model, task, metric, ablation, plan, base_mask, reuse_prefix)
+            scorer = _Scorer(model, task, metric, ablation, plan, base_mask, reuse_prefix, resolution)
             if position == 0:
                 state["current"] = scorer.evaluate(base_mask, graph.n_layers)
         destination = order[position]
         layer = graph.destination_layer(destination)
-        nodes = graph.fed_nodes(destination)
-        incoming = kept[:, destination].nonzero().flatten().tolist()[::-1]
-        if nodes and not kept[nodes].any():
-            kept[:, destination] = False
-            incoming = []
-        for source in incoming:
-            kept[source, destination] = False
+        for at in _visits(graph, kept, destination, resolution.spans):  # the edge (or edge at a span) index
+            kept[at] = False
             value = scorer.evaluate(kept.to(model.dtype).to(model.device), layer)
             state["steps"] += 1
             if abs(value - state["current"]) <= threshold:
                 state["current"] = value
             else:
-                kept[source, destination] = True
+                kept[at] = True
             bar.set_postfix(edges_visited=state["steps"], edges_kept=int(kept.sum()))
         state["next"] = position + 1
         if resumable is not None:
@@ -148,7 +153,37 @@ def acdc(
         "metric_value": state["current"],
         **cost,
     }
-    return Circuit(graph, kept, meta=meta)
+    return Circuit(graph, kept, meta=meta, spans=resolution.spans)
+
+
+def _candidates(graph: Graph, candidates: Any, spans: Spans | None) -> torch.Tensor:
+    """The edges the search starts from: every edge, or ``candidates`` (by span: at every span, unless they are
+    a circuit by the same spans)."""
+    if isinstance(candidates, Circuit) and candidates.spans is not None:
+        if spans is None or candidates.spans.names != spans.names:
+            raise CircuitsError("candidates by span need positions=True and the task's spans")
+        return candidates.mask.clone()
+    kept = graph.real.clone() if candidates is None else edge_mask_from(graph, candidates)
+    return kept if spans is None else kept[:, :, None].repeat(1, 1, len(spans))
+
+
+def _visits(graph: Graph, kept: torch.Tensor, destination: int, spans: Spans | None):
+    """The kept edges into ``destination`` to try removing, in order (sources last first; by span, last span
+    first): after step 3 of the module docstring has removed those whose destination feeds nothing kept."""
+    nodes = graph.fed_nodes(destination)
+    if spans is None:
+        if nodes and not kept[nodes].any():
+            kept[:, destination] = False
+        for source in kept[:, destination].nonzero().flatten().tolist()[::-1]:
+            yield source, destination
+        return
+    key_value = graph.destination_nodes[destination].qkv in ("k", "v")
+    for span in reversed(range(len(spans))):
+        carried = spans.reaches[span] if key_value else torch.arange(len(spans)) == span
+        if nodes and not kept[nodes][:, :, carried].any():
+            kept[:, destination, span] = False
+        for source in kept[:, destination, span].nonzero().flatten().tolist()[::-1]:
+            yield source, destination, span
 
 
 COST_KEYS = ("forward_equivalents", "forward_equivalents_without_prefix_reuse")
@@ -160,7 +195,9 @@ def _total_cost(before: dict[str, float], scorer: _Scorer | None) -> dict[str, f
     return {key: before[key] + now[key] for key in COST_KEYS}
 
 
-def _resumed(saved, resumable, graph: Graph, n_destinations: int) -> tuple[dict[str, Any], torch.Tensor]:
+def _resumed(
+    saved, resumable, graph: Graph, n_destinations: int, shape: torch.Size
+) -> tuple[dict[str, Any], torch.Tensor]:
     """The loop state and the kept mask of a checkpoint, checked."""
     try:
         state = {
@@ -170,22 +207,31 @@ def _resumed(saved, resumable, graph: Graph, n_destinations: int) -> tuple[dict[
             "cost": {key: float(saved.state["cost"][key]) for key in COST_KEYS},
         }
         kept = saved.tensors["kept"]
-        if kept.dtype != torch.bool or tuple(kept.shape) != (graph.n_src, graph.n_dst):
+        if kept.dtype != torch.bool or kept.shape != shape:
             raise ValueError(f"a kept mask of {kept.dtype} {tuple(kept.shape)}")
         if not 0 < state["next"] <= n_destinations:
             raise ValueError(f"destination {state['next']} of {n_destinations}")
     except (KeyError, TypeError, ValueError) as error:
         raise CircuitsError(f"checkpoint {resumable.path} is unreadable ({error}); delete it to start over") from None
-    return state, kept & graph.real
+    return state, kept & (graph.real if len(shape) == 2 else graph.real[:, :, None])
 
 
 class _Scorer:
     """The task-mean metric for a mask, over every batch (resuming from prefix caches by default)."""
 
     def __init__(
-        self, model: Model, task: Task, metric: str, ablation: str, plan: BatchPlan, base_mask, reuse_prefix: bool
+        self,
+        model: Model,
+        task: Task,
+        metric: str,
+        ablation: str,
+        plan: BatchPlan,
+        base_mask,
+        reuse_prefix: bool,
+        resolution: Resolution = EDGES,
     ):
         self.model, self.task, self.metric, self.reuse_prefix = model, task, metric, reuse_prefix
+        self.resolution = resolution
         self.ablation, self.plan, self.base_mask = ablation, plan, base_mask
         self.batches = []  # (batch, clean logits, prefix cache) of this rank's batches
         self.n_batches, self.built = 0, False
@@ -204,7 +250,13 @@ class _Scorer:
             cache = None
             if self.reuse_prefix:
                 cache = PrefixCache(
-                    self.model, tokens.clean_ids, tokens.attention_mask, batch.patch, tokens.positions, self.base_mask
+                    self.model,
+                    tokens.clean_ids,
+                    tokens.attention_mask,
+                    batch.patch,
+                    tokens.positions,
+                    self.base_mask,
+                    self.resolution.batch_spans(tokens),
                 )
             self.batches.append((batch, clean.logits, cache))
         self.n_batches, self.built = len(self.plan.sizes), True
@@ -251,6 +303,7 @@ class _Scorer:
                         edge_mask,
                         batch.patch,
                         logit_positions=tokens.positions,
+                        spans=self.resolution.batch_spans(tokens),
                     ).logits
             else:
                 logits = cache.run(edge_mask, from_layer)
