@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .choices import ABLATIONS, BACKWARDS, METHODS, METRICS, SELECTIONS
+from .choices import ABLATIONS, BACKWARDS, CIRCUIT_LEVELS, METHODS, METRICS, SELECTIONS
 from .errors import CircuitsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--positions",
         action="store_true",
         help="score and keep edges by span (the task's declared spans, or every position of one-template prompts)",
+    )
+    discover.add_argument(
+        "--level",
+        default="edge",
+        choices=CIRCUIT_LEVELS,
+        help="the circuit's units: edges, or the best output dimensions (neuron) or MLP hidden units (mlp-neuron)",
     )
     discover.add_argument(
         "--full-json",
@@ -352,12 +358,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
 def run_discover(args: argparse.Namespace) -> int:
     from .io import check_writable_folder
     from .methods import check_backward, check_gradient_metric
-    from .pipeline import check_output_folder, check_positions, discover
+    from .pipeline import check_granularity, check_output_folder, discover, unit_word
 
     for method in (args.method, *args.compare):  # the task's metric is --metric: refuse before the model loads
         check_gradient_metric(method, args.metric, args.ig_steps)
     check_backward(args.method, args.backward)
-    check_positions(args.positions, args.select)
+    check_granularity(args.positions, args.level, args.select, args.acdc)
     task = _read_task(args)
     check_output_folder(args.out)
     if args.checkpoint is not None:
@@ -385,9 +391,10 @@ def run_discover(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         backward=args.backward,
         positions=args.positions,
+        level=args.level,
     )
     e, c = summary["evaluation"], summary["circuit"]
-    print(f"circuit: {c['edges']} edges, {c['nodes']} nodes; faithfulness {e['faithfulness']:.3f}")
+    print(f"circuit: {c['edges']} {unit_word(c)}, {c['nodes']} nodes; faithfulness {e['faithfulness']:.3f}")
     for label, curve in summary["curves"].items():
         print(f"{label}: CPR {curve['cpr']:.3f}, CMD {curve['cmd']:.3f}")
     print(f"wrote {args.out}/: {', '.join(summary['files'])}")

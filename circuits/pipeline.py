@@ -23,7 +23,17 @@ import pandas as pd
 
 from . import distributed, export
 from .batching import BatchPlan, BatchSize, check_batch_size, parse_memory
-from .choices import SELECTIONS, Ablation, Backward, Method, MetricName, Selection, check_choice, check_positive
+from .choices import (
+    CIRCUIT_LEVELS,
+    SELECTIONS,
+    Ablation,
+    Backward,
+    Method,
+    MetricName,
+    Selection,
+    check_choice,
+    check_positive,
+)
 from .circuit import Circuit, Scores, greedy_mask, select
 from .errors import CircuitsError
 from .evaluate import Curve, Evaluation, check_task, evaluate, faithfulness_curve, metrics_equal
@@ -67,10 +77,16 @@ def select_circuit(scores: Scores, n: int, how: Selection) -> Circuit:
     return select(scores, greedy_mask(scores, n), f"greedy({n})")
 
 
-def check_positions(positions: bool, selection: str) -> None:
-    """A CircuitsError for a discovery by span that asks for greedy selection (it grows whole edges)."""
+def check_granularity(positions: bool, level: str, selection: str, acdc: bool) -> None:
+    """A CircuitsError for a discovery whose granularity its other settings cannot serve: greedy selection grows
+    whole edges; ACDC searches edges; positions resolve edges."""
+    check_choice("level", level, CIRCUIT_LEVELS)
     if positions and selection == "greedy":
         raise CircuitsError("with positions the circuit is selected by signed or absolute scores, not greedy")
+    if level != "edge" and (positions or acdc or selection == "greedy"):
+        raise CircuitsError(
+            f"a {level}-level circuit is the best neurons by signed or absolute scores: no positions, ACDC or greedy"
+        )
 
 
 def discover(
@@ -94,12 +110,14 @@ def discover(
     max_memory: int | str | None = None,
     backward: Backward = "gradient",
     positions: bool = False,
+    level: str = "edge",
 ) -> dict[str, Any]:
     """Find ``task``'s circuit in ``model`` and write the output folder ``out``; returns the summary.
 
     ``positions``: every method scores edges by span (``circuits.attribute(..., positions=True)``), the circuit
     keeps ``top_n`` edges at a span (or ACDC searches edges at a span) and is pruned span by span (not with
-    greedy selection).
+    greedy selection). ``level``: ``"neuron"`` or ``"mlp-neuron"`` make the circuit the ``top_n`` best output
+    dimensions or MLP hidden units (``circuits.attribute(..., level=...)``), evaluated with every other one patched.
 
     ``method`` scores every edge; the circuit is its ``top_n`` edges chosen by ``selection``, or, with
     ``acdc_threshold``, ACDC (on ``acdc_metric``) run on the method's ``candidates`` best edges, chosen
@@ -138,9 +156,9 @@ def discover(
     for name in (method, *compare):  # before any work: a pair whose gradients are all zero is refused
         check_gradient_metric(name, task.metric, ig_steps)
     check_backward(method, backward)
-    check_positions(positions, selection)
+    check_granularity(positions, level, selection, acdc_threshold is not None)
     settings = dict(method=method, ablation=ablation, batch_size=batch_size, ig_steps=ig_steps, backward=backward)
-    settings["positions"] = positions
+    settings.update(positions=positions, level=level)
     settings.update(acdc_threshold=acdc_threshold, acdc_metric=acdc_metric, candidates=candidates, selection=selection)
     if checkpoint is not None and out.resolve() in (Path(checkpoint).resolve(), *Path(checkpoint).resolve().parents):
         raise CircuitsError(f"checkpoint folder {checkpoint} is inside the output folder {out}, which is replaced")
@@ -150,7 +168,7 @@ def discover(
         check_task(model, task, ablation, batch_size, max_memory)
     plan = BatchPlan(batch_size, model.device, max_memory)  # one layout for every later phase
     options = {"ablation": ablation, "batch_size": plan, "ig_steps": ig_steps, "progress": progress}
-    options["positions"] = positions
+    options.update(positions=positions, level=level)
     with phases("attribution", f"scoring {len(model.graph):,} edges with {method} ({len(task)} examples)"):
         scores = attribute(model, task, method, **options, checkpoint=_phase(folder, "attribution"), backward=backward)
     with phases("selection", "selecting the circuit"):
@@ -213,6 +231,8 @@ def _run_settings(arguments: dict[str, Any]) -> dict[str, Any]:
         settings["backward"] = arguments["backward"]
     if arguments.get("positions"):  # likewise absent without positions
         settings["positions"] = True
+    if arguments.get("level", "edge") != "edge":  # and at the edge level
+        settings["level"] = arguments["level"]
     settings["acdc_threshold"] = arguments["acdc_threshold"]
     if arguments["acdc_threshold"] is not None:
         settings.update({key: arguments[key] for key in ("acdc_metric", "candidates", "selection")})
@@ -288,7 +308,8 @@ def _summary(
         **how,
         "graph": {"edges": len(graph), "nodes": graph.n_src + 1},
         "circuit": {
-            "edges": len(circuit),
+            "level": circuit.level,
+            "edges": len(circuit),  # units: edges (at a span), or neurons
             "nodes": len(circuit.nodes),
             **circuit.meta.get("selection", {}),
             "top_edges": _top_edges(circuit, 10),
@@ -316,7 +337,13 @@ def _top_edges(circuit: Circuit, n: int) -> list[dict[str, Any]]:
     if "score" not in frame or frame.empty:
         return []
     frame = frame.reindex(frame["score"].abs().sort_values(ascending=False).index).head(n)
-    return [{"edge": row.edge, "score": float(row.score)} for row in frame.itertuples()]
+    names = frame["edge"] if "edge" in frame else frame["name"]  # neuron frames name their units
+    return [{"edge": names[index], "score": float(frame.score[index])} for index in frame.index]
+
+
+def unit_word(circuit_summary: dict[str, Any]) -> str:
+    """What a summary's circuit counts: edges, or the neurons of its level."""
+    return {"neuron": "output dimensions", "mlp-neuron": "MLP hidden units"}.get(circuit_summary.get("level"), "edges")
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -328,7 +355,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "",
         f"- method: {summary['method']}, ablation: {summary['ablation']}, metric: {summary['metric']}, "
         f"examples: {summary['n']}",
-        f"- circuit: {c['edges']} edges, {c['nodes']} nodes (graph: {summary['graph']['edges']:,} edges)",
+        f"- circuit: {c['edges']} {unit_word(c)}, {c['nodes']} nodes (graph: {summary['graph']['edges']:,} edges)",
         f"- faithfulness: {number_text(e['faithfulness'])} (metric full {number_text(e['metric_full'])}, circuit "
         f"{number_text(e['metric_circuit'])}, empty {number_text(e['metric_empty'])}); circuit accuracy "
         f"{number_text(e['accuracy_circuit'])}",

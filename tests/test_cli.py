@@ -343,3 +343,24 @@ def test_discover_by_position_with_acdc_searches_edges_at_spans(model_dir, tmp_p
     circuit = circuits.Circuit.load(out / "circuit.json")
     assert circuit.spans is not None and 0 < len(circuit) <= 60
     assert circuit.meta["method"] == "acdc on eap candidates"
+
+
+@pytest.mark.parametrize(("level", "word"), [("neuron", "output dimensions"), ("mlp-neuron", "MLP hidden units")])
+def test_discover_at_a_neuron_level_keeps_the_best_neurons(model_dir, tmp_path, capsys, level, word):
+    out = tmp_path / level
+    status = main(["discover", "--model", str(model_dir), "--task", "induction", "--n", "8", "--method", "eap",
+                   "--level", level, "--top-n", "40", "--out", str(out), "--quiet"])  # fmt: skip
+    assert status == 0
+    circuit = circuits.Circuit.load(out / "circuit.json")
+    assert circuit.level == level and len(circuit) == 40
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["circuit"]["level"] == level and summary["circuit"]["top_edges"][0]["edge"] in circuit.units
+    assert f"40 {word}" in capsys.readouterr().out and f"40 {word}" in (out / "summary.md").read_text()
+
+
+def test_discover_at_a_neuron_level_with_acdc_exits_2_before_the_model_loads(tmp_path, capsys):
+    status = main(["discover", "--model", str(tmp_path / "no-model"), "--task", "induction", "--level", "neuron",
+                   "--acdc", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert status == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "neuron-level circuit" in line
