@@ -258,9 +258,14 @@ def faithfulness_curve(
 def resolution_for(model: Model, task: Task, made: Scores | Circuit) -> Resolution:
     """What ``made`` (scores or a circuit) resolves, on ``task``: its level and, by span, the task's positions
     grouped by its spans."""
-    if made.spans is not None:
-        return spans_on(model, task, made.spans)
-    return Resolution(made.level)
+    resolution = spans_on(model, task, made.spans) if made.spans is not None else Resolution(made.level)
+    shape = tuple(made.mask.shape if isinstance(made, Circuit) else made.tensor.shape)
+    if shape != resolution.shape(model):
+        raise CircuitsError(
+            f"the {made.level}-level {type(made).__name__.lower()} has shape {list(shape)} but this model's "
+            f"{made.level} units have shape {list(resolution.shape(model))}: it was made on another model"
+        )
+    return resolution
 
 
 def roc_auc(scores: Scores | torch.Tensor, true_edges, absolute: bool = True, edges=None) -> float:

@@ -528,3 +528,16 @@ def test_the_neuron_figure_shows_the_top_neurons_by_magnitude(neuron_scores, tmp
     labels = [label.get_text() for label in figure.axes[0].get_yticklabels()]
     assert labels == scores.top_edges(7)
     assert (tmp_path / "top.png").stat().st_size > 0
+
+
+def test_a_neuron_circuit_of_another_width_is_refused_before_any_batch(neuron_scores):
+    from circuits.circuit import Circuit
+
+    scores = neuron_scores["neuron"]
+    model = model_of("llama")
+    other = Circuit(
+        model.graph, torch.ones(model.graph.n_src, scores.tensor.shape[1] + 1, dtype=torch.bool), level="neuron"
+    )
+    with forwards_counted() as calls, pytest.raises(CircuitsError, match="made on another model"):
+        circuits.evaluate(model, tiny_task(), other)
+    assert calls == []
