@@ -429,3 +429,60 @@ def test_acdc_by_span_takes_candidates_by_span(models, position_scores):
     )
     assert not (found.mask & ~pool.mask).any()
     assert found.meta["candidates"] == len(pool)
+
+
+# --- mask learning by span ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["edge-pruning", "ugs"])
+def test_a_mask_learned_by_span_is_a_circuit_of_edges_at_spans(models, method):
+    model, task = models["llama"], spans_task()
+    options = {"target_edges": 600, "steps": 4, "batch_size": 3, "seed": 1, "progress": False, "positions": True}
+    found = circuits.learn_circuit(model, task, method, **options)
+    again = circuits.learn_circuit(model, task, method, **options)
+    assert found.spans.names == ("A", "B", "END", "rest")
+    assert 0 < len(found) <= 600 and torch.equal(found.mask, again.mask)
+    assert found.scores.shape == (model.graph.n_src, model.graph.n_dst, 4)
+    assert found.meta["spans"]["names"] == list(found.spans.names)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_mask_learned_by_span_resumes_to_the_uninterrupted_result(models, tmp_path, monkeypatch):
+    from circuits.methods import learn
+
+    monkeypatch.setattr(learn, "SAVE_SECONDS", 0.0)
+    model, task = models["llama"], spans_task()
+    options = {"target_edges": 600, "steps": 5, "batch_size": 3, "seed": 2, "progress": False, "positions": True}
+    whole = circuits.learn_circuit(model, task, "edge-pruning", **options)
+    path, feed = tmp_path / "learn.ckpt", learn._Feed.__call__
+
+    def interrupt_at_step_3(self, step):
+        if step == 3:
+            raise Interrupted
+        return feed(self, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(learn._Feed, "__call__", interrupt_at_step_3)
+        with pytest.raises(Interrupted):
+            circuits.learn_circuit(model, task, "edge-pruning", checkpoint=path, **options)
+    resumed = circuits.learn_circuit(model, task, "edge-pruning", checkpoint=path, **options)
+    assert torch.equal(resumed.mask, whole.mask)
+    assert torch.equal(resumed.scores.nan_to_num(), whole.scores.nan_to_num())
+    with pytest.raises(CircuitsError):  # the same file for the run by edge: another run's checkpoint
+        circuits.learn_circuit(model, task, "edge-pruning", checkpoint=path, **{**options, "positions": False})
+
+
+def test_learned_scores_by_span_rank_edges_at_spans_for_the_curve(models):
+    from circuits.methods.learn import learned_scores
+
+    model, task = models["llama"], spans_task()
+    found = circuits.learn_circuit(
+        model, task, "ugs", target_edges=30, steps=2, batch_size=3, progress=False, positions=True
+    )
+    scores = learned_scores(found, task)
+    assert scores.spans == found.spans and len(scores) == len(position_units(model, found.spans))
+    curve = circuits.faithfulness_curve(model, task, scores, fractions=(0.05, 1.0))
+    assert curve.frame.faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-5)

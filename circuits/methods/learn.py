@@ -84,8 +84,9 @@ from ..engine import patched_forward
 from ..errors import CircuitsError
 from ..model import Model
 from ..resume import Checkpoint, checkpoint_path, fingerprint
+from ..spans import Spans
 from ..task import Task, metric_values
-from .common import Batch, batches
+from .common import EDGES, Batch, Resolution, batches, resolution_of
 
 # Edge Pruning: the hard-concrete distribution's constants and the initial log-alphas (their l0.py, modeling_fpt2.py)
 LEFT, RIGHT, BETA = -0.1, 1.1, 2 / 3
@@ -128,8 +129,13 @@ def learn_circuit(
     regularization: float | None = None,
     samples: int | None = None,
     lagrangian_lr: float | None = None,
+    positions: bool = False,
 ) -> Circuit:
     """Learn an edge mask by gradient descent through the engine and return the circuit of its best edges.
+
+    ``positions``: learn one mask value per edge and span (the task's spans, ``circuits.spans``); the target and
+    the sparsity then count edges at a span, UGS's dangling edges are pruned span by span, and its node term
+    counts a head's edges at every span.
 
     ``method``: ``"edge-pruning"`` (hard-concrete masks with a Lagrangian that drives the expected edge count
     to the target, Bhaskar et al. 2024) or ``"ugs"`` (MIB's uniform gradient sampling); see the module
@@ -155,13 +161,14 @@ def learn_circuit(
     number of edges. The circuit's ``meta`` records the settings, the final loss and expected edge count, and
     the seconds taken.
     """
+    resolution = resolution_of(model, task, "edge", positions)
     settings = _settings(
         model, task, method, target_edges, sparsity, steps, lr, seed, ablation, batch_size, objective,
-        regularization, samples, lagrangian_lr,
+        regularization, samples, lagrangian_lr, resolution.spans,
     )  # fmt: skip
     path = None if checkpoint is None else checkpoint_path(checkpoint)  # before the (possibly slow) fingerprint
     start_time = time.perf_counter()
-    learner = (EdgePruning if method == "edge-pruning" else UniformGradientSampling)(model, task, settings)
+    learner = (EdgePruning if method == "edge-pruning" else UniformGradientSampling)(model, task, settings, resolution)
     store = None if path is None else Checkpoint(path, fingerprint(model, task, settings.fingerprint()))
     first = _resume(store, learner)
     feed = _Feed(model, task, ablation, batch_size)
@@ -189,7 +196,7 @@ def learn_circuit(
         "seconds": time.perf_counter() - start_time,
     }
     learned = learner.scores().detach().float().cpu()
-    return Scores(model.graph, learned, "edge", meta).top_n(settings.target_edges, absolute=False)
+    return Scores(model.graph, learned, "edge", meta, resolution.spans).top_n(settings.target_edges, absolute=False)
 
 
 # --- the settings, checked before any work ---------------------------------------------------------------------
@@ -208,7 +215,8 @@ class _Settings:
     regularization: float | None
     samples: int | None
     lagrangian_lr: float | None
-    n_edges: int
+    n_edges: int  # the units a mask value is learned for: edges, or edges at a span
+    spans: Spans | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         """What determines the learned mask (every setting; the model and the task are fingerprinted apart)."""
@@ -225,6 +233,8 @@ class _Settings:
             "batch_size": self.batch_size,
             "objective": self.objective,
         }
+        if self.spans is not None:  # absent by edge: their checkpoints stay valid
+            out["spans"] = self.spans.to_dict()
         if self.method == "ugs":
             out["regularization"] = self.regularization
             out["samples"] = self.samples
@@ -235,12 +245,12 @@ class _Settings:
 
 def _settings(
     model, task, method, target_edges, sparsity, steps, lr, seed, ablation, batch_size, objective, regularization,
-    samples, lagrangian_lr=None,
+    samples, lagrangian_lr=None, spans=None,
 ) -> _Settings:  # fmt: skip
     check_choice("method", method, LEARN_METHODS)
     check_choice("ablation", ablation, ABLATIONS)
     check_choice("objective", objective, LEARN_OBJECTIVES)
-    n_edges = len(model.graph)
+    n_edges = len(model.graph) * (1 if spans is None else len(spans))
     if (target_edges is None) == (sparsity is None):
         raise CircuitsError(
             "give exactly one of target_edges (the circuit's number of edges) and sparsity (the share of edges "
@@ -295,7 +305,7 @@ def _settings(
     return _Settings(
         method, int(target_edges), steps, float(lr), seed, ablation, batch_size, objective,
         None if regularization is None else float(regularization), samples,
-        None if lagrangian_lr is None else float(lagrangian_lr), n_edges,
+        None if lagrangian_lr is None else float(lagrangian_lr), n_edges, spans,
     )  # fmt: skip
 
 
@@ -345,19 +355,27 @@ def _bytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
-def _logits(model: Model, batch: Batch, mask: torch.Tensor | None) -> torch.Tensor:
+def _logits(model: Model, batch: Batch, mask: torch.Tensor | None, resolution: Resolution = EDGES) -> torch.Tensor:
     tokens = batch.tokens
+    spans = None if mask is None else resolution.batch_spans(tokens)
     return patched_forward(
-        model, tokens.clean_ids, tokens.attention_mask, mask, batch.patch, logit_positions=tokens.positions
+        model, tokens.clean_ids, tokens.attention_mask, mask, batch.patch, logit_positions=tokens.positions, spans=spans
     ).logits
 
 
 def faithfulness_loss(
-    model: Model, task: Task, batch: Batch, mask: torch.Tensor, clean: torch.Tensor, objective: str
+    model: Model,
+    task: Task,
+    batch: Batch,
+    mask: torch.Tensor,
+    clean: torch.Tensor,
+    objective: str,
+    resolution: Resolution = EDGES,
 ) -> torch.Tensor:
     """The per-example loss ``[B]`` of the masked model on ``batch``: KL(full || masked) at the prediction
-    positions (``"kl"``), or the task's metric oriented so that lower is better (``"metric"``)."""
-    logits = _logits(model, batch, mask)
+    positions (``"kl"``), or the task's metric oriented so that lower is better (``"metric"``); a mask by span
+    (``resolution``) is read at each position's span."""
+    logits = _logits(model, batch, mask, resolution)
     if objective == "kl":
         return metric_values("kl", logits, batch.tokens, clean)
     return helpful_sign(task.higher_is_better, task.metric) * metric_values(task.metric, logits, batch.tokens, clean)
@@ -391,14 +409,21 @@ class _Learner(ABC):
     model: Model
     task: Task
     settings: _Settings
+    resolution: Resolution = EDGES
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
     report: dict[str, float] = field(default_factory=dict)
     score_name: str = ""
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The learned numbers' shape: ``[n_src, n_dst]``, or ``[n_src, n_dst, S]`` by span."""
+        return self.resolution.shape(self.model)
+
+    @property
     def real(self) -> torch.Tensor:
-        return self.model.graph.real.to(self.model.device)
+        real = self.model.graph.real.to(self.model.device)
+        return real if len(self.shape) == 2 else real[:, :, None].expand(self.shape)
 
     @abstractmethod
     def scores(self) -> torch.Tensor:
@@ -431,20 +456,19 @@ def learned_scores(circuit: Circuit, task: Task) -> Scores:
     method = circuit.meta.get("method")
     if circuit.scores is None or method not in LEARN_METHODS:
         raise CircuitsError(f"a circuit of learn_circuit (one of {list(LEARN_METHODS)}) needed, got method {method!r}")
-    real = circuit.graph.real
+    real = circuit.graph.real if circuit.spans is None else circuit.graph.real[:, :, None].expand(circuit.mask.shape)
     shifted = (circuit.scores - circuit.scores[real].min()).masked_fill(~real, float("nan"))
-    return Scores(circuit.graph, helpful_sign(task.higher_is_better, task.metric) * shifted, "edge", circuit.meta)
+    sign = helpful_sign(task.higher_is_better, task.metric)
+    return Scores(circuit.graph, sign * shifted, "edge", circuit.meta, circuit.spans)
 
 
 class EdgePruning(_Learner):
     """Hard-concrete edge masks with a Lagrangian sparsity constraint (see the module docstring)."""
 
-    def __init__(self, model: Model, task: Task, settings: _Settings):
-        super().__init__(model, task, settings, score_name="log_alpha")
-        graph, device = model.graph, model.device
-        initial = torch.normal(
-            INIT_MEAN, INIT_STD, (graph.n_src, graph.n_dst), generator=_generator(settings.seed, "init")
-        )
+    def __init__(self, model: Model, task: Task, settings: _Settings, resolution: Resolution = EDGES):
+        super().__init__(model, task, settings, resolution, score_name="log_alpha")
+        device = model.device
+        initial = torch.normal(INIT_MEAN, INIT_STD, self.shape, generator=_generator(settings.seed, "init"))
         self.params = {
             "log_alpha": initial.to(device).requires_grad_(True),
             "lambdas": torch.zeros(2, device=device, requires_grad=True),
@@ -464,8 +488,7 @@ class EdgePruning(_Learner):
         return self.params["log_alpha"]
 
     def noise(self, step: int) -> torch.Tensor:
-        graph = self.model.graph
-        u = torch.rand(graph.n_src, graph.n_dst, generator=_generator(self.settings.seed, "noise", step))
+        u = torch.rand(self.shape, generator=_generator(self.settings.seed, "noise", step))
         return (u * (1 - 2 * EPS) + EPS).to(self.model.device)
 
     def mask(self, log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -491,7 +514,8 @@ class EdgePruning(_Learner):
         """Faithfulness plus the Lagrangian term, for the mask drawn with noise ``u``."""
         log_alpha, lambdas = self.params["log_alpha"], self.params["lambdas"]
         mask = self.mask(log_alpha, u)
-        faithful = faithfulness_loss(self.model, self.task, batch, mask, clean, self.settings.objective)
+        objective = self.settings.objective
+        faithful = faithfulness_loss(self.model, self.task, batch, mask, clean, objective, self.resolution)
         faithful = faithful.float().mean()
         expected = self.expected_edges(log_alpha)
         gap = (1 - expected / self.settings.n_edges) - self.sparsity_at(step)
@@ -521,10 +545,10 @@ class EdgePruning(_Learner):
 class UniformGradientSampling(_Learner):
     """MIB's UGS baseline (see the module docstring)."""
 
-    def __init__(self, model: Model, task: Task, settings: _Settings):
-        super().__init__(model, task, settings, score_name="alpha (logit of the keep probability)")
+    def __init__(self, model: Model, task: Task, settings: _Settings, resolution: Resolution = EDGES):
+        super().__init__(model, task, settings, resolution, score_name="alpha (logit of the keep probability)")
         graph, device = model.graph, model.device
-        self.params = {"alpha": torch.full((graph.n_src, graph.n_dst), UGS_INIT, device=device, requires_grad=True)}
+        self.params = {"alpha": torch.full(self.shape, UGS_INIT, device=device, requires_grad=True)}
         self.optimizer = torch.optim.AdamW([self.params["alpha"]], lr=settings.lr, betas=UGS_BETAS, weight_decay=0)
         self.node_reg = min(0.5 * settings.regularization, UGS_NODE_CAP)
         heads = torch.zeros(graph.n_src, dtype=torch.bool)
@@ -537,8 +561,7 @@ class UniformGradientSampling(_Learner):
         return self.params["alpha"]
 
     def noise(self, step: int, count: int) -> torch.Tensor:
-        graph = self.model.graph
-        u = torch.rand(count, graph.n_src, graph.n_dst, generator=_generator(self.settings.seed, "noise", step))
+        u = torch.rand(count, *self.shape, generator=_generator(self.settings.seed, "noise", step))
         return u.to(self.model.device)
 
     def samples(self, alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -556,13 +579,15 @@ class UniformGradientSampling(_Learner):
 
     def without_dangling(self, sample: torch.Tensor) -> torch.Tensor:
         """A sample times its nonzero edges pruned of dangling ones (the pruning is no part of the gradient)."""
-        kept = prune(self.model.graph, (sample.detach() > 0).cpu() & self.model.graph.real)
+        kept = prune(self.model.graph, (sample.detach() > 0).cpu() & self.real.cpu(), self.resolution.spans)
         return sample * kept.to(device=sample.device, dtype=sample.dtype)
 
     def regularizer(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lambda * sum_e p_e`` plus the node term over attention heads; and the expected edge count."""
         p = torch.where(self.real, torch.sigmoid(alpha), 0.0)
         expected = p.sum()
+        if p.dim() == 3:  # by span: a node's edges at every span
+            p = p.sum(2)
         complexity = p.sum(1) + p.sum(0) @ self.feeds  # per source node: edges out, and into its inputs
         graph = self.model.graph
         n = graph.n_layers * graph.n_heads
@@ -591,7 +616,8 @@ class UniformGradientSampling(_Learner):
                 sample = weights * sample + (1 - weights) * sample.detach()
                 mask = torch.where(self.real, self.without_dangling(sample), 0.0)
                 sub, sub_clean = _sub_batch(batch, clean, part)
-                values = faithfulness_loss(self.model, self.task, sub, mask, sub_clean, self.settings.objective)
+                objective = self.settings.objective
+                values = faithfulness_loss(self.model, self.task, sub, mask, sub_clean, objective, self.resolution)
                 return values.float().sum() / size
 
             return compute
