@@ -407,7 +407,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .circuit import Circuit
     from .evaluate import evaluate, faithfulness_curve
     from .io import check_writable_folder, write_json
-    from .pipeline import number_text, scores_for, undefined_notes
+    from .pipeline import number_text, scores_for, undefined_notes, unit_word
 
     task = _read_task(args)
     if args.out is not None:
@@ -421,7 +421,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     task = _fit_task(args, task, model)
     ablation = args.ablation or circuit.meta.get("ablation", "patching")
     log = _log(args)
-    log(f"evaluating {len(circuit)} edges on {task.name} ({len(task)} examples, {ablation} ablation)")
+    units = unit_word({"level": circuit.level})
+    log(f"evaluating {len(circuit)} {units} on {task.name} ({len(task)} examples, {ablation} ablation)")
     plan = BatchPlan(args.batch_size, model.device, args.batch_memory)  # the evaluation and the curve: one layout
     evaluation = evaluate(model, task, circuit, ablation, plan)
     result = {
@@ -430,7 +431,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "task": task.name,
         "n": len(task),
         "ablation": ablation,
-        "edges": len(circuit),
+        "level": circuit.level,
+        "edges": len(circuit),  # units: edges (at a span), or neurons
         "faithfulness": evaluation.faithfulness,
         "metric_full": evaluation.full,
         "metric_circuit": evaluation.circuit,
