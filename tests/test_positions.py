@@ -13,6 +13,7 @@ import pytest
 import torch
 from oracle import Oracle
 from test_gradient import ORACLE_POINTS, STEPS, assert_equal_scores, oracle_point
+from test_learn import Interrupted
 
 import circuits
 from circuits.circuit import Circuit, prune
@@ -444,10 +445,6 @@ def test_a_mask_learned_by_span_is_a_circuit_of_edges_at_spans(models, method):
     assert 0 < len(found) <= 600 and torch.equal(found.mask, again.mask)
     assert found.scores.shape == (model.graph.n_src, model.graph.n_dst, 4)
     assert found.meta["spans"]["names"] == list(found.spans.names)
-
-
-class Interrupted(Exception):
-    pass
 
 
 def test_a_mask_learned_by_span_resumes_to_the_uninterrupted_result(models, tmp_path, monkeypatch):
