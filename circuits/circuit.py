@@ -15,7 +15,7 @@ from .errors import CircuitsError
 from .graph import Graph
 from .spans import Spans
 from .task import HIGHER_IS_BETTER
-from .units import check_shape, unit_index, unit_names
+from .units import check_shape, real_edges, unit_index, unit_names
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -50,7 +50,7 @@ class Scores:
         """Boolean, the tensor's shape: True where a unit exists (every edge of the graph; every neuron)."""
         if self.level != "edge":
             return torch.ones(self.tensor.shape, dtype=torch.bool)
-        return self.graph.real if self.spans is None else self.graph.real[:, :, None].expand(self.tensor.shape)
+        return real_edges(self.graph, self.spans)
 
     def __getitem__(self, name: str) -> float:
         """The score of a unit: an edge ``"a0.h1->m2"`` (``"a0.h1->m2@S2"`` by span), a node ``"a0.h1"``, an
@@ -151,7 +151,7 @@ class Circuit:
         self.graph, self.meta, self.level, self.spans = graph, dict(meta or {}), level, spans
         self.mask = mask.bool().cpu()
         if level == "edge":  # a new tensor: the caller's mask is never written to
-            self.mask = self.mask & (graph.real if spans is None else graph.real[:, :, None])
+            self.mask = self.mask & real_edges(graph, spans)
         self.scores = None if scores is None else scores.detach().float().cpu()
 
     @classmethod
@@ -311,7 +311,7 @@ def _prune_by_span(graph: Graph, mask: torch.Tensor, spans: Spans) -> torch.Tens
     useful destination (``logits`` at the spans it is read at). A query or MLP input carries within its span; a
     key or value input at span a carries to its head at every span b that ``spans.reaches[a, b]`` (attention
     reads earlier positions)."""
-    mask = mask.clone() & graph.real[:, :, None]
+    mask = mask & real_edges(graph, spans)
     feeds = graph.feeds  # [n_dst, n_src]
     keys_values = torch.tensor([node.qkv in ("k", "v") for node in graph.destination_nodes])
     reaches = spans.reaches  # [a, b]: a key or value at span a reaches queries at span b

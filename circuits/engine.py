@@ -194,10 +194,8 @@ class _Run:
         """Sources ``start`` onward as their readers see them under the neuron mask (``out`` without one)."""
         if self.neuron_removal is None:
             return out
-        removal = self.neuron_removal[start : start + len(out), None, None, :]
-        if self.patch is None:
-            return out - removal * out
-        return out - removal * (out - self.patch[start : start + len(out)])
+        patch = None if self.patch is None else self.patch[start : start + len(out)]
+        return _removed(out, self.neuron_removal[start : start + len(out), None, None, :], patch)
 
     def add_sources(self, start: int, out: torch.Tensor) -> None:
         if self.keep_outputs:
@@ -418,30 +416,28 @@ class PrefixCache:
         """Logits with ``edge_mask``, recomputing only layers ``from_layer`` onward."""
         graph = self.model.graph
         start = self.reads_before(from_layer)
-        if edge_mask.dim() == 3:  # by span: the saved chunks are never written to, a run appends its own
-            with torch.no_grad():
-                removal = check_edge_mask(self.model, edge_mask, self.spans)
-                resid, chunks = self.states[from_layer]
-                deltas = _SpanDeltas(removal, self.patch, tuple(resid.shape), self.spans)
-                deltas.chunks, deltas.count = list(chunks), start
-                run = _Run(self.model, self.ctx, resid, deltas)
-                for slots in graph.layers[from_layer:]:
-                    run.layer(slots)
-                self.layers_run += graph.n_layers - from_layer
-                return run.logits(self.logit_positions)
-        if self.dirty_from < start:  # an earlier run from a lower layer overwrote rows we need
-            self.working[self.dirty_from : start] = self.base_deltas[self.dirty_from : start]
-        self.dirty_from = min(self.dirty_from, start)
         with torch.no_grad():
-            removal = check_edge_mask(self.model, edge_mask)
-            resid, total = self.states[from_layer]
-            deltas = _Deltas(removal, self.patch, tuple(resid.shape), buffer=self.working, total=total.clone())
+            resid, saved = self.states[from_layer]
+            deltas = self._deltas(edge_mask, tuple(resid.shape), saved, start)
             deltas.count = start
             run = _Run(self.model, self.ctx, resid, deltas)
             for slots in graph.layers[from_layer:]:
                 run.layer(slots)
             self.layers_run += graph.n_layers - from_layer
             return run.logits(self.logit_positions)
+
+    def _deltas(self, edge_mask: torch.Tensor, shape: tuple, saved, start: int) -> _Deltas | _SpanDeltas:
+        """A run's deltas from ``start`` on, over the saved ones before it: by span, the saved chunks (read, never
+        written: the run appends its own); else the working buffer, its rows before ``start`` the base run's."""
+        if edge_mask.dim() == 3:
+            deltas = _SpanDeltas(check_edge_mask(self.model, edge_mask, self.spans), self.patch, shape, self.spans)
+            deltas.chunks = list(saved)
+            return deltas
+        if self.dirty_from < start:  # an earlier run from a lower layer overwrote rows we need
+            self.working[self.dirty_from : start] = self.base_deltas[self.dirty_from : start]
+        self.dirty_from = min(self.dirty_from, start)
+        removal = check_edge_mask(self.model, edge_mask)
+        return _Deltas(removal, self.patch, shape, buffer=self.working, total=saved.clone())
 
     def run_ablations(
         self, units: list[tuple[int, int | None]], from_layer: int, spans: torch.Tensor | None = None
@@ -673,10 +669,12 @@ def _transform_hidden(transform: Callable, layer: int, module, args: tuple) -> t
 
 
 def _mask_hidden(removal: torch.Tensor, patch: torch.Tensor | None, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    weight = removal[layer].to(hidden.device)
-    if patch is None:
-        return hidden - weight * hidden
-    return hidden - weight * (hidden - patch[layer].to(hidden.device))
+    return _removed(hidden, removal[layer].to(hidden.device), None if patch is None else patch[layer].to(hidden.device))
+
+
+def _removed(values: torch.Tensor, removal: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
+    """``values`` with ``removal`` of their way to ``patch`` (zero when None) gone: ``patch + m (values - patch)``."""
+    return values - removal * (values if patch is None else values - patch)
 
 
 def mlp_hidden_values(

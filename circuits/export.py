@@ -23,7 +23,7 @@ from .errors import CircuitsError
 from .graph import Graph
 from .io import atomic_write_text, write_json
 from .spans import Spans
-from .units import unit_names
+from .units import real_edges, unit_names
 from .version import DISTRIBUTION
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def to_json_dict(circuit: EdgeSet, expand_gqa: bool = False, full: bool = True) 
     listed_nodes = [*graph.sources, "logits"] if full else in_graph_nodes
     nodes = {name: {"in_graph": name in in_graph_nodes} for name in listed_nodes}
     edges = {}
-    real = graph.real if spans is None else graph.real[:, :, None].expand(circuit.mask.shape)
+    real = real_edges(graph, spans)
     for index in (real if full else circuit.mask & real).nonzero().tolist():
         at = tuple(index)
         score = None if scores is None or math.isnan(float(scores[at])) else float(scores[at])

@@ -22,6 +22,7 @@ from matplotlib.path import Path as MplPath
 
 from .errors import CircuitsError
 from .io import atomic_write
+from .units import real_edges
 
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies); MLP/logits inputs neutral.
 EDGE_COLORS: dict[str, str] = {"q": "#0072B2", "k": "#E69F00", "v": "#009E73", "mlp": "#7A7A7A"}
@@ -185,7 +186,7 @@ def plot_position_circuit(
     ``plot_circuit``; every edge's ``gid`` is its name ``src->dst@span``. Saving as for ``plot_circuit``.
     """
     graph, spans = circuit.graph, circuit.spans
-    mask = torch.as_tensor(circuit.mask).bool().cpu() & graph.real[:, :, None]
+    mask = torch.as_tensor(circuit.mask).bool().cpu() & real_edges(graph, spans)
     edges = mask.nonzero().tolist()
     scores = None if circuit.scores is None else torch.nan_to_num(circuit.scores.float().cpu())
     sends = mask.any(1)  # [n_src, S]: a node with a circuit edge out of it at a span

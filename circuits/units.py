@@ -73,3 +73,9 @@ def unit_index(graph: Graph, level: str, spans: Spans | None, name: str) -> tupl
     if not (node[:1] == "m" and node[1:].isdigit() and int(node[1:]) < graph.n_layers):
         raise CircuitsError(f"{name!r}: no MLP {node!r} in this graph ({graph.n_layers} layers)")
     return int(node[1:]), int(unit[1:])
+
+
+def real_edges(graph: Graph, spans: Spans | None = None) -> torch.Tensor:
+    """Boolean, True where an edge exists: ``[n_src, n_dst]``, or by span ``[n_src, n_dst, S]`` (each edge at
+    every span; an expanded view, not a copy)."""
+    return graph.real if spans is None else graph.real[:, :, None].expand(-1, -1, len(spans))

@@ -27,7 +27,7 @@ from ..model import Model
 from ..resume import open_checkpoint
 from ..spans import Spans
 from ..task import Task
-from ..units import unit_names
+from ..units import real_edges, unit_names
 from .acdc import acdc
 from .common import resolution_of
 from .exact import MAX_TOKENS, exact_scores
@@ -179,7 +179,7 @@ def _check_finite(model: Model, scores: torch.Tensor, level: str, spans: Spans |
     """A NaN or infinite score is never returned: it names the first such unit (edge, node, neuron) instead."""
     bad = ~torch.isfinite(scores)
     if level == "edge":
-        bad &= model.graph.real if spans is None else model.graph.real[:, :, None]
+        bad &= real_edges(model.graph, spans)
     if bad.any():
         name = unit_names(model.graph, level, spans, bad.nonzero()[:1])[0]
         raise CircuitsError(

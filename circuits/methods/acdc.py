@@ -38,6 +38,7 @@ from ..model import Model
 from ..resume import open_checkpoint
 from ..spans import Spans
 from ..task import Task, metric_values
+from ..units import real_edges
 from .common import EDGES, Resolution, batches, resolution_of
 
 
@@ -116,7 +117,7 @@ def acdc(
     if saved is None:
         state = {"next": 0, "steps": 0, "cost": dict.fromkeys(COST_KEYS, 0.0)}
     else:
-        state, kept = _resumed(saved, resumable, graph, len(order), kept.shape)
+        state, kept = _resumed(saved, resumable, graph, len(order), resolution.spans)
     show = progress and distributed.is_main()
     bar = tqdm(total=len(order), initial=state["next"], desc="ACDC destinations", disable=not show)
     for position in range(state["next"], len(order)):
@@ -196,7 +197,7 @@ def _total_cost(before: dict[str, float], scorer: _Scorer | None) -> dict[str, f
 
 
 def _resumed(
-    saved, resumable, graph: Graph, n_destinations: int, shape: torch.Size
+    saved, resumable, graph: Graph, n_destinations: int, spans: Spans | None
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """The loop state and the kept mask of a checkpoint, checked."""
     try:
@@ -207,13 +208,13 @@ def _resumed(
             "cost": {key: float(saved.state["cost"][key]) for key in COST_KEYS},
         }
         kept = saved.tensors["kept"]
-        if kept.dtype != torch.bool or kept.shape != shape:
+        if kept.dtype != torch.bool or kept.shape != real_edges(graph, spans).shape:
             raise ValueError(f"a kept mask of {kept.dtype} {tuple(kept.shape)}")
         if not 0 < state["next"] <= n_destinations:
             raise ValueError(f"destination {state['next']} of {n_destinations}")
     except (KeyError, TypeError, ValueError) as error:
         raise CircuitsError(f"checkpoint {resumable.path} is unreadable ({error}); delete it to start over") from None
-    return state, kept & (graph.real if len(shape) == 2 else graph.real[:, :, None])
+    return state, kept & real_edges(graph, spans)
 
 
 class _Scorer:

@@ -247,9 +247,7 @@ def contraction_for(
     ``_Contraction`` to use for the edge and neuron levels)."""
     if resolution.level == "mlp-neuron":
         return _HiddenContraction(model, batch, shape)
-    spans = resolution.batch_spans(batch.tokens, batch.start)
-    n_spans = None if resolution.spans is None else len(resolution.spans)
-    return (kind or _Contraction)(model, batch, shape, spans, n_spans, neurons=resolution.level == "neuron")
+    return (kind or _Contraction)(model, batch, shape, resolution)
 
 
 class _Contraction:
@@ -262,8 +260,8 @@ class _Contraction:
     the deltas' memory and then contracted together, so that the deltas are read once per few layers rather
     than once per layer (reading them, not multiplying, is what the contraction's time goes to).
 
-    With ``spans`` (``[B, T - start]``, each position's span of ``n_spans``) the products are taken over each
-    span's positions apart: ``scores[u, v, s]``. With ``neurons`` the scores are per output dimension, ``scores[u, d] -=
+    By span (``resolution.spans``) the products are taken over each span's positions apart: ``scores[u, v, s]``.
+    At the ``neuron`` level the scores are per output dimension, ``scores[u, d] -=
     sum over positions of delta_u[d] * sum_v grad_v[d]`` over the destinations v reading u: the destinations
     arrive last layer first and read ever fewer sources, so a running sum of their gradients is, when a group
     that no longer reads sources r.. arrives, the gradient those sources' outputs get.
@@ -274,9 +272,7 @@ class _Contraction:
         model: Model,
         batch: Batch,
         shape: tuple[int, int],
-        spans: torch.Tensor | None = None,
-        n_spans: int | None = None,
-        neurons: bool = False,
+        resolution: Resolution = EDGES,
     ):
         n_batch, seq = shape
         self.graph, self.start = model.graph, batch.start
@@ -286,15 +282,9 @@ class _Contraction:
         else:
             deltas_shape = (self.graph.n_src, n_batch, seq - self.start, model.adapter.d_model)
             self.deltas = torch.empty(deltas_shape, dtype=model.dtype, device=model.device)
-        self.spans, self.neurons = spans, neurons
-        graph, d_model = self.graph, model.adapter.d_model
-        if neurons:
-            scores_shape: tuple[int, ...] = (graph.n_src, d_model)
-        elif spans is not None:
-            scores_shape = (graph.n_src, graph.n_dst, n_spans)
-        else:
-            scores_shape = (graph.n_src, graph.n_dst)
-        self.scores = torch.zeros(scores_shape, dtype=torch.float32, device=model.device)
+        self.spans = resolution.batch_spans(batch.tokens, batch.start)  # [B, T - start] each position's span
+        self.neurons = resolution.level == "neuron"
+        self.scores = torch.zeros(resolution.shape(model), dtype=torch.float32, device=model.device)
         self.pending: list[tuple[slice, torch.Tensor]] = []  # (destinations, gradients [n, K] in float32)
         self.pending_columns = 0
         # destinations kept before contracting: float32 gradients of at most PENDING_SHARE of the deltas' bytes

@@ -86,6 +86,7 @@ from ..model import Model
 from ..resume import Checkpoint, checkpoint_path, fingerprint
 from ..spans import Spans
 from ..task import Task, metric_values
+from ..units import real_edges
 from .common import EDGES, Batch, Resolution, batches, resolution_of
 
 # Edge Pruning: the hard-concrete distribution's constants and the initial log-alphas (their l0.py, modeling_fpt2.py)
@@ -422,8 +423,7 @@ class _Learner(ABC):
 
     @property
     def real(self) -> torch.Tensor:
-        real = self.model.graph.real.to(self.model.device)
-        return real if len(self.shape) == 2 else real[:, :, None].expand(self.shape)
+        return real_edges(self.model.graph, self.resolution.spans).to(self.model.device)
 
     @abstractmethod
     def scores(self) -> torch.Tensor:
@@ -456,7 +456,7 @@ def learned_scores(circuit: Circuit, task: Task) -> Scores:
     method = circuit.meta.get("method")
     if circuit.scores is None or method not in LEARN_METHODS:
         raise CircuitsError(f"a circuit of learn_circuit (one of {list(LEARN_METHODS)}) needed, got method {method!r}")
-    real = circuit.graph.real if circuit.spans is None else circuit.graph.real[:, :, None].expand(circuit.mask.shape)
+    real = real_edges(circuit.graph, circuit.spans)
     shifted = (circuit.scores - circuit.scores[real].min()).masked_fill(~real, float("nan"))
     sign = helpful_sign(task.higher_is_better, task.metric)
     return Scores(circuit.graph, sign * shifted, "edge", circuit.meta, circuit.spans)
